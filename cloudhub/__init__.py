@@ -1,0 +1,3 @@
+"""cloudhub: the cloud side of KubeEdge, on Twisted."""
+
+__version__ = "0.1.0"

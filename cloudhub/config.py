@@ -1,0 +1,305 @@
+"""HubConfig: the hub's settings from a YAML file, validated before anything starts.
+
+Two file shapes mean the same thing (design.md, "Config is cloudcore-compatible"):
+
+* ours: top-level ``cloudHub:`` (the keys of cloudcore's ``modules.cloudHub``, §8.1) and ``hub:``
+  (settings cloudcore does not have: data directory, store, API, metrics);
+* a whole ``cloudcore.yaml``: its ``modules.cloudHub`` block is read, the other modules and
+  top-level keys belong to cloudcore and are ignored; a top-level ``hub:`` may sit beside them.
+
+Any unknown key, wrong type, out-of-range value or unreadable file raises :class:`ConfigError`
+naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from cloudhub.errors import ConfigError
+
+T = TypeVar("T")
+Check = Callable[[Any], str | None]
+
+MIB = 1024 * 1024
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a port number from 0 to 65535"
+
+
+def _at_least(low: int) -> Check:
+    def check(value: int) -> str | None:
+        return None if value >= low else f"must be at least {low}"
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _ip_address(value: str) -> str | None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return "must be an IP address"
+    return None
+
+
+def _ip_addresses(values: list[str]) -> str | None:
+    for value in values:
+        if _ip_address(value):
+            return f"{value!r} is not an IP address"
+    return None
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+def _key(name: str, default: Any = MISSING, check: Check | None = None, **kw: Any) -> Any:
+    """A dataclass field read from YAML key ``name`` (camelCase, as cloudcore spells it)."""
+    metadata = {"key": name, "check": check}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    if is_dataclass(default):
+        return field(default_factory=lambda: default, metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+# --- cloudHub (cloudcore modules.cloudHub, §8.1) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    enable: bool = _key("enable", True)
+    address: str = _key("address", "0.0.0.0", _ip_address)
+    port: int = _key("port", 0, _port)
+
+
+@dataclass(frozen=True)
+class QuicConfig:
+    enable: bool = _key("enable", False)
+    address: str = _key("address", "0.0.0.0", _ip_address)
+    port: int = _key("port", 10001, _port)
+    max_incoming_streams: int = _key("maxIncomingStreams", 10000, _at_least(1))
+
+
+@dataclass(frozen=True)
+class UnixSocketConfig:
+    """Accepted so a cloudcore.yaml loads; cloudcore uses it for CSI only, we do not serve it."""
+
+    enable: bool = _key("enable", True)
+    address: str = _key("address", "unix:///var/lib/kubeedge/kubeedge.sock")
+
+
+@dataclass(frozen=True)
+class CloudHubConfig:
+    enable: bool = _key("enable", True)
+    keepalive_interval: int = _key("keepaliveInterval", 30, _at_least(1))
+    node_limit: int = _key("nodeLimit", 500, _at_least(1))
+    tls_ca_file: str = _key("tlsCAFile", "/etc/kubeedge/ca/rootCA.crt")
+    tls_ca_key_file: str = _key("tlsCAKeyFile", "/etc/kubeedge/ca/rootCA.key")
+    tls_cert_file: str = _key("tlsCertFile", "/etc/kubeedge/certs/server.crt")
+    tls_private_key_file: str = _key("tlsPrivateKeyFile", "/etc/kubeedge/certs/server.key")
+    write_timeout: int = _key("writeTimeout", 30, _at_least(1))
+    advertise_address: list[str] = _key("advertiseAddress", [], _ip_addresses)
+    dns_names: list[str] = _key("dnsNames", [])
+    edge_cert_signing_duration: int = _key("edgeCertSigningDuration", 365, _at_least(1))
+    token_refresh_duration: int = _key("tokenRefreshDuration", 12, _at_least(1))
+    websocket: ListenerConfig = _key("websocket", ListenerConfig(port=10000))
+    quic: QuicConfig = _key("quic", QuicConfig())
+    https: ListenerConfig = _key("https", ListenerConfig(port=10002))
+    unixsocket: UnixSocketConfig = _key("unixsocket", UnixSocketConfig())
+    # cloudcore v1.15 authorization block (node authorization against the API server); we
+    # have no API server, so it is accepted and ignored.
+    authorization: dict[str, Any] = _key("authorization", {})
+
+
+# --- hub (ours) -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    type: str = _key("type", "sqlite", _one_of("sqlite", "memory"))
+    path: str = _key("path", "")  # "" = <dataDir>/cloudhub.db
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    enable: bool = _key("enable", True)
+    address: str = _key("address", "127.0.0.1", _ip_address)
+    port: int = _key("port", 10350, _port)
+    token: str = _key("token", "")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enable: bool = _key("enable", True)
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    data_dir: str = _key("dataDir", "/var/lib/cloudhub", _non_empty)
+    store: StoreConfig = _key("store", StoreConfig())
+    api: ApiConfig = _key("api", ApiConfig())
+    metrics: MetricsConfig = _key("metrics", MetricsConfig())
+    max_message_size: int = _key("maxMessageSize", 8 * MIB, _at_least(1024))
+    listen_backlog: int = _key("listenBacklog", 1024, _at_least(1))
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Everything the hub needs to start; build it with :func:`load_config` or directly."""
+
+    cloudhub: CloudHubConfig = field(default_factory=CloudHubConfig)
+    hub: HubSettings = field(default_factory=HubSettings)
+    path: str = "<defaults>"
+
+    def data_path(self, *parts: str) -> str:
+        """A path inside ``hub.dataDir``."""
+        return os.path.join(self.hub.data_dir, *parts)
+
+    @property
+    def store_path(self) -> str:
+        return self.hub.store.path or self.data_path("cloudhub.db")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The effective settings under their YAML names (for the startup log)."""
+        return {
+            "cloudHub": _to_yaml_dict(self.cloudhub),
+            "hub": _to_yaml_dict(self.hub),
+        }
+
+
+def _to_yaml_dict(obj: Any) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        result[f.metadata["key"]] = _to_yaml_dict(value) if is_dataclass(value) else value
+    return result
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", str: "a string", dict: "a mapping"}
+
+
+def _check_type(path: str, key: str, hint: Any, value: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is list:
+        (item_type,) = get_args(hint)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(path, key, f"must be a list, got {type(value).__name__}")
+        return [_check_type(path, f"{key}[{i}]", item_type, item) for i, item in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(path, key, f"must be a mapping, got {type(value).__name__}")
+        return value
+    # bool is a subclass of int: "port: true" must not pass as 1.
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(path, key, f"must be an integer, got {value!r}")
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(path, key, f"must be true or false, got {value!r}")
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(path, key, f"must be a string, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], data: Any, path: str, prefix: str, defaults: T | None = None) -> T:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, prefix, f"must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    by_key = {f.metadata["key"]: f for f in fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in by_key:
+            known = ", ".join(sorted(by_key))
+            raise ConfigError(path, f"{prefix}.{key}", f"unknown key (known keys: {known})")
+    values: dict[str, Any] = {}
+    for key, f in by_key.items():
+        full_key = f"{prefix}.{key}"
+        hint = hints[f.name]
+        default = getattr(defaults, f.name) if defaults is not None else None
+        if is_dataclass(hint):
+            if default is None:
+                default = f.default_factory()  # type: ignore[misc]
+            values[f.name] = _build(hint, data.get(key), path, full_key, default)  # type: ignore[arg-type]
+            continue
+        if key not in data:
+            continue
+        value = _check_type(path, full_key, hint, data[key])
+        check = f.metadata["check"]
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(path, full_key, f"{problem}, got {value!r}")
+        values[f.name] = value
+    if defaults is not None:
+        # A nested section's defaults differ per use (websocket port 10000, https 10002).
+        return type(defaults)(**{**_fields_of(defaults), **values})  # type: ignore[return-value]
+    return cls(**values)
+
+
+def _fields_of(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def parse_config(data: Any, path: str = "<config>") -> HubConfig:
+    """A :class:`HubConfig` from an already-parsed YAML document."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, "", "the top level must be a mapping")
+    if "modules" in data or data.get("kind") == "CloudCore":
+        modules = data.get("modules") or {}
+        if not isinstance(modules, Mapping):
+            raise ConfigError(path, "modules", "must be a mapping")
+        cloudhub_data = modules.get("cloudHub")
+        cloudhub_prefix = "modules.cloudHub"
+    else:
+        for key in data:
+            if key not in ("cloudHub", "hub"):
+                raise ConfigError(path, key, "unknown key (known top-level keys: cloudHub, hub)")
+        cloudhub_data = data.get("cloudHub")
+        cloudhub_prefix = "cloudHub"
+    return HubConfig(
+        cloudhub=_build(CloudHubConfig, cloudhub_data, path, cloudhub_prefix),
+        hub=_build(HubSettings, data.get("hub"), path, "hub"),
+        path=path,
+    )
+
+
+def load_config(path: str) -> HubConfig:
+    """Read and validate ``path``; any problem raises :class:`ConfigError`."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data = yaml.safe_load(stream)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
+    return parse_config(data, path)
