@@ -240,7 +240,7 @@ def _build(cls: type[T], data: Any, path: str, prefix: str, defaults: T | None =
         default = getattr(defaults, f.name) if defaults is not None else None
         if is_dataclass(hint):
             if default is None:
-                default = f.default_factory()  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc,operator]
             values[f.name] = _build(hint, data.get(key), path, full_key, default)  # type: ignore[arg-type]
             continue
         if key not in data:

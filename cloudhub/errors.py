@@ -59,3 +59,53 @@ class NodeRefused(CloudHubError):
         self.node_id = node_id
         self.reason = reason
         super().__init__(f"node {node_id!r} refused: {reason}")
+
+
+class MessageRefused(CloudHubError):
+    """The hub will not take a message for delivery; ``reason`` says why."""
+
+    def __init__(self, node_id: str, reason: str) -> None:
+        self.node_id = node_id
+        self.reason = reason
+        super().__init__(f"message for node {node_id!r} refused: {reason}")
+
+
+class InvalidMessage(MessageRefused):
+    """The message cannot be delivered as given (no uid, no resourceVersion, bad value)."""
+
+
+class StaleMessage(MessageRefused):
+    """The message's resourceVersion is not newer than what the node has or is owed.
+
+    KubeEdge drops such a message silently; we tell the caller (the HTTP API answers 409).
+    """
+
+    def __init__(
+        self, node_id: str, uid: str, resource_version: str, acked: str | None, pending: str | None
+    ) -> None:
+        self.uid = uid
+        self.resource_version = resource_version
+        self.acked = acked
+        self.pending = pending
+        super().__init__(
+            node_id,
+            f"object {uid} resourceVersion {resource_version} is stale "
+            f"(acknowledged: {acked or 'none'}, pending: {pending or 'none'})",
+        )
+
+
+class Superseded(CloudHubError):
+    """A pending message was replaced by a newer version (or a delete) before its ACK."""
+
+    def __init__(self, node_id: str, uid: str, msg_id: str, by_msg_id: str) -> None:
+        self.node_id = node_id
+        self.uid = uid
+        self.msg_id = msg_id
+        self.by_msg_id = by_msg_id
+        super().__init__(
+            f"message {msg_id} for node {node_id!r} (object {uid}) superseded by {by_msg_id}"
+        )
+
+
+class DeliveryStopped(CloudHubError):
+    """The hub stopped before the message was delivered; it stays owed if it was stored."""

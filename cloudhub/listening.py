@@ -6,6 +6,8 @@ startup log need the real port when the configured one is 0, so this one exposes
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
@@ -58,7 +60,12 @@ class ListeningService(Service):
         if self._listening is None:
             raise RuntimeError(f"{self.name} has not been started")
         result: Deferred[IListeningPort] = Deferred()
-        self._listening.addBoth(lambda r: (result.callback(r), r)[1])
+
+        def relay(outcome: Any) -> Any:
+            result.callback(outcome)
+            return outcome
+
+        self._listening.addBoth(relay)
         return result
 
     @property

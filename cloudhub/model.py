@@ -105,7 +105,7 @@ class Message:
 
     @property
     def is_empty(self) -> bool:
-        """True for the blank message edgecore writes when it shuts down (ws-frames.txt, frame #7)."""
+        """True for the blank message edgecore writes as it shuts down (ws-frames.txt #7)."""
         return not (self.msg_id or self.operation or self.resource or self.source or self.group)
 
 
@@ -244,9 +244,7 @@ def parse_resource_version(value: str) -> int:
     Raises :class:`ResourceVersionError` for anything else (KubeEdge panics on it).
     """
     if not isinstance(value, str) or not value.isascii() or not value.isdigit():
-        raise ResourceVersionError(
-            f"resourceVersion {value!r} is not an unsigned decimal integer"
-        )
+        raise ResourceVersionError(f"resourceVersion {value!r} is not an unsigned decimal integer")
     number = int(value)
     if number > _UINT64_MAX:
         raise ResourceVersionError(f"resourceVersion {value!r} does not fit in 64 bits")

@@ -2,6 +2,8 @@
 
 Built from a :class:`~cloudhub.config.HubConfig`; twistd runs it through ``cloudhub.tap``, and
 an existing Twisted application embeds it with ``service.setServiceParent(application)``.
+Children: the join-token refresher, the certificate server (HTTPS), the WebSocket listener.
+Applications talk to the hub through :attr:`CloudHubService.upstream`.
 """
 
 from __future__ import annotations
@@ -11,19 +13,31 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cloudhub.certs.authority import CertificateAuthority
+from cloudhub.certs.tls import server_tls_options
+from cloudhub.certs.token import TokenIssuer
+from cloudhub.certs.web import certificate_site
 from cloudhub.config import HubConfig
+from cloudhub.handler import MessageHandle
+from cloudhub.interfaces import CLOSE_GOING_AWAY
 from cloudhub.listening import ListeningService
+from cloudhub.upstream import Upstream
 
 log = Logger()
 
 
 class CloudHubService(MultiService):
-    """The hub: certificate server, edge transports, delivery core and API as child services.
+    """The hub: certificate server, edge transports and delivery core as child services.
 
-    :ivar ready: fires once the reactor runs and every listener is bound (``/readyz``).
+    The CA and server certificate are loaded or created when the service is built, so a bad
+    certificate file stops startup before anything listens.
+
+    :ivar upstream: the API to send to nodes and hear from them (:class:`Upstream`).
+    :ivar ready: fires with ``{listener name: port}`` once every listener is bound.
     """
 
     def __init__(self, config: HubConfig, reactor: Any = None) -> None:
@@ -36,6 +50,30 @@ class CloudHubService(MultiService):
         self.reactor = reactor
         self.is_ready = False
         self.ready: Deferred[dict[str, int]] = Deferred()
+        hub = config.cloudhub
+
+        self.authority = CertificateAuthority.load_or_create(config)
+        self.tokens = TokenIssuer(self.authority, hub.token_refresh_duration, reactor)
+        self.tokens.setServiceParent(self)
+
+        self.handle = MessageHandle(
+            reactor, keepalive_interval=hub.keepalive_interval, node_limit=hub.node_limit
+        )
+        self.upstream = Upstream(self.handle)
+
+        self.certificate_site = certificate_site(
+            self.authority, self.tokens, reactor, ready=lambda: self.is_ready
+        )
+        https = SSL4ServerEndpoint(
+            reactor,
+            hub.https.port,
+            server_tls_options(self.authority, "request"),
+            backlog=config.hub.listen_backlog,
+            interface=hub.https.address,
+        )
+        self.https = ListeningService("https", https, self.certificate_site)
+        self.https.setServiceParent(self)
+
 
     def listeners(self) -> list[ListeningService]:
         return [s for s in self if isinstance(s, ListeningService)]
@@ -53,7 +91,7 @@ class CloudHubService(MultiService):
         listeners = self.listeners()
 
         def bound(_: object) -> dict[str, int]:
-            ports = {s.name: s.bound_port for s in listeners}
+            ports = {str(s.name): s.bound_port for s in listeners}
             self.is_ready = True
             log.info("cloudhub ready: {ports}", ports=json.dumps(ports, sort_keys=True))
             return ports
@@ -63,13 +101,22 @@ class CloudHubService(MultiService):
             if self.reactor.running:
                 self.reactor.stop()
 
-        listening = gatherResults([s.listening for s in listeners], consumeErrors=True)
-        listening.addCallback(bound)
-        listening.addErrback(lambda f: f.value.subFailure if hasattr(f.value, "subFailure") else f)
+        listening: Deferred[Any] = gatherResults(
+            [s.listening for s in listeners], consumeErrors=True
+        )
+        listening.addCallbacks(bound, lambda f: f.value.subFailure)
         listening.chainDeferred(self.ready)
         self.ready.addErrback(failed)
 
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> Deferred[None] | None:
         log.info("cloudhub stopping")
         self.is_ready = False
-        return super().stopService()
+        self.handle.close_all(CLOSE_GOING_AWAY, "hub shutting down")
+        return super().stopService()  # type: ignore[no-any-return]
+
+    def port(self, name: str) -> int:
+        """The bound port of listener ``name`` (``https``, ``websocket``, ...)."""
+        for listener in self.listeners():
+            if listener.name == name:
+                return listener.bound_port
+        raise KeyError(name)

@@ -1,4 +1,4 @@
-"""twistd glue: ``twistd -n cloudhub --config FILE`` (named by twisted/plugins/cloudhub_plugin.py)."""
+"""twistd glue: ``twistd -n cloudhub --config FILE`` (named by the cloudhub twistd plugin)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ log = Logger()
 
 class Options(usage.Options):
     optParameters = [
-        ["config", "c", None,
-         "YAML config file (ours, or a whole cloudcore.yaml); default: built-in defaults"],
+        [
+            "config",
+            "c",
+            None,
+            "YAML config file (ours, or a whole cloudcore.yaml); default: built-in defaults",
+        ],
     ]
 
 

@@ -15,8 +15,13 @@ def pod(uid: str = "u1", rv: str = "5", **metadata: object) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": "nginx", "namespace": "default", "uid": uid,
-                     "resourceVersion": rv, **metadata},
+        "metadata": {
+            "name": "nginx",
+            "namespace": "default",
+            "uid": uid,
+            "resourceVersion": rv,
+            **metadata,
+        },
     }
 
 
@@ -59,7 +64,9 @@ class MessageTests(SynchronousTestCase):
     def test_control_ack(self) -> None:
         ping = Message.new("cloudhub", "resource", "ping", "node", None)
         ack = model.new_control_ack(ping)
-        self.assertEqual((ack.operation, ack.content, ack.parent_msg_id), ("response", "ack", ping.msg_id))
+        self.assertEqual(
+            (ack.operation, ack.content, ack.parent_msg_id), ("response", "ack", ping.msg_id)
+        )
 
     def test_empty_shutdown_message(self) -> None:
         self.assertTrue(Message(msg_id="", timestamp=0).is_empty)
@@ -111,7 +118,10 @@ class ContentTests(SynchronousTestCase):
         delete = Message.new("edgecontroller", "resource", "delete", "default/pod/nginx", pod())
         self.assertTrue(model.is_delete(delete))
         terminating = Message.new(
-            "edgecontroller", "resource", "update", "default/pod/nginx",
+            "edgecontroller",
+            "resource",
+            "update",
+            "default/pod/nginx",
             pod(deletionTimestamp="2024-01-01T00:00:00Z"),
         )
         self.assertTrue(model.is_delete(terminating))

@@ -46,8 +46,12 @@ class TapTests(SynchronousTestCase):
 class TwistdTests(SynchronousTestCase):
     def test_help_lists_config(self) -> None:
         out = subprocess.run(
-            TWISTD + ["cloudhub", "--help"], capture_output=True, text=True, env=twistd_env(),
-            cwd=self.mktemp_dir(), timeout=60,
+            TWISTD + ["cloudhub", "--help"],
+            capture_output=True,
+            text=True,
+            env=twistd_env(),
+            cwd=self.mktemp_dir(),
+            timeout=60,
         )
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("--config", out.stdout)
@@ -63,8 +67,12 @@ class TwistdTests(SynchronousTestCase):
         with open(config, "w") as f:
             f.write("cloudHub:\n  websocket:\n    port: 99999\n")
         out = subprocess.run(
-            TWISTD + ["-n", "cloudhub", "--config", config], capture_output=True, text=True,
-            env=twistd_env(), cwd=workdir, timeout=60,
+            TWISTD + ["-n", "cloudhub", "--config", config],
+            capture_output=True,
+            text=True,
+            env=twistd_env(),
+            cwd=workdir,
+            timeout=60,
         )
         self.assertNotEqual(out.returncode, 0)
         self.assertIn("cloudHub.websocket.port", out.stderr + out.stdout)
@@ -83,7 +91,10 @@ class TwistdTests(SynchronousTestCase):
             )
         process = subprocess.Popen(
             TWISTD + ["-n", "--pidfile=", "cloudhub", "--config", config],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=twistd_env(), cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=twistd_env(),
+            cwd=workdir,
         )
         try:
             output = b""

@@ -1,0 +1,258 @@
+"""MessageHandle: the core every transport reports to (design.md; KubeEdge's handler + dispatcher).
+
+It owns the node sessions and the per-node queues, enforces the node limit, answers viaduct
+control messages, feeds keepalives to the watchdogs, matches ACKs, and hands everything else an
+edge sends to the subscribers (§6.7). It knows nothing of WebSocket or QUIC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from cloudhub import model
+from cloudhub.errors import InvalidMessage, NodeRefused
+from cloudhub.interfaces import CLOSE_POLICY, IConnection, IConnectionHandler
+from cloudhub.model import Message
+from cloudhub.queue import NodeQueue
+from cloudhub.session import RETRANSMIT_INTERVAL, NodeSession
+
+log = Logger()
+
+EVENT_CONNECTED = "connected"
+EVENT_DISCONNECTED = "disconnected"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEvent:
+    """A node connected or disconnected (KubeEdge publishes the same, §4.3, §4.4)."""
+
+    node_id: str
+    event: str  # EVENT_CONNECTED / EVENT_DISCONNECTED
+    timestamp: float
+    transport: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    node_id: str
+    project_id: str
+    transport: str
+    peer: str
+    connected_at: float
+    last_keepalive: float | None
+    pending: int
+
+
+MessageCallback = Callable[[str, Message], Any]
+EventCallback = Callable[[NodeEvent], Any]
+
+
+@implementer(IConnectionHandler)
+class MessageHandle:
+    """Sessions, queues and routing for every node of one hub process."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        keepalive_interval: float = 30.0,
+        node_limit: int = 500,
+        retransmit_interval: float = RETRANSMIT_INTERVAL,
+    ) -> None:
+        self.reactor = reactor
+        self.keepalive_interval = keepalive_interval
+        self.node_limit = node_limit
+        self.retransmit_interval = retransmit_interval
+        self.sessions: dict[str, NodeSession] = {}
+        self.queues: dict[str, NodeQueue] = {}
+        self._subscribers: list[tuple[MessageCallback, str | None]] = []
+        self._event_subscribers: list[EventCallback] = []
+        self.refused = 0
+        self.keepalive_timeouts = 0
+
+    # --- IConnectionHandler -----------------------------------------------------------------
+
+    def connection_made(self, connection: IConnection) -> None:
+        node_id = connection.node_id
+        old = self.sessions.get(node_id)
+        if old is None and len(self.sessions) >= self.node_limit:
+            self.refused += 1
+            log.warn(
+                "node {node} from {peer} refused: node limit {limit} reached",
+                node=node_id,
+                peer=connection.peer,
+                limit=self.node_limit,
+            )
+            raise NodeRefused(node_id, f"node limit {self.node_limit} reached")
+        if old is not None:
+            log.info(
+                "node {node} connected again from {peer}; closing its older connection",
+                node=node_id,
+                peer=connection.peer,
+            )
+            self._end(old, "replaced by a newer connection")
+            old.connection.close(CLOSE_POLICY, "replaced by a newer connection of this node")
+        session = NodeSession(
+            connection,
+            self._queue(node_id),
+            self.reactor,
+            self.keepalive_interval,
+            self._expired,
+            retransmit_interval=self.retransmit_interval,
+        )
+        self.sessions[node_id] = session
+        log.info(
+            "node {node} connected over {transport} from {peer} (project {project})",
+            node=node_id,
+            transport=connection.transport,
+            peer=connection.peer,
+            project=connection.project_id,
+        )
+        self._publish_event(
+            NodeEvent(node_id, EVENT_CONNECTED, self.reactor.seconds(), connection.transport)
+        )
+        session.start()
+
+    def message_received(self, connection: IConnection, message: Message) -> None:
+        session = self.sessions.get(connection.node_id)
+        if session is None or session.connection is not connection:
+            return  # a connection already replaced or expired; it is being closed
+        operation = message.operation
+        if operation == model.OP_KEEPALIVE:
+            session.keepalive()
+        elif operation == model.OP_RESPONSE:
+            # Only ever an ACK (§6.7 step 3); content is not inspected.
+            if message.parent_msg_id:
+                session.acknowledged(message.parent_msg_id)
+        elif operation in model.CONTROL_OPERATIONS:
+            session.send_now(model.new_control_ack(message))
+        elif message.is_empty:
+            pass  # what edgecore writes as it shuts down (ws-frames.txt, frame #7)
+        elif operation == model.OP_ERROR:
+            log.warn(
+                "node {node} reports an error for {parent}: {content}",
+                node=connection.node_id,
+                parent=message.parent_msg_id,
+                content=message.content,
+            )
+        else:
+            self._publish(connection.node_id, message)
+
+    def connection_lost(self, connection: IConnection, reason: str) -> None:
+        session = self.sessions.get(connection.node_id)
+        if session is not None and session.connection is connection:
+            self._end(session, reason)
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def _queue(self, node_id: str) -> NodeQueue:
+        queue = self.queues.get(node_id)
+        if queue is None:
+            queue = self.queues[node_id] = NodeQueue(node_id)
+        return queue
+
+    def _expired(self, session: NodeSession) -> None:
+        self.keepalive_timeouts += 1
+        self._end(session, "keepalive timeout")
+        session.connection.close(
+            CLOSE_POLICY, f"no keepalive for {self.keepalive_interval:g} seconds"
+        )
+
+    def _end(self, session: NodeSession, reason: str) -> None:
+        session.stop()
+        if self.sessions.get(session.node_id) is session:
+            del self.sessions[session.node_id]
+        log.info("node {node} disconnected: {reason}", node=session.node_id, reason=reason)
+        self._publish_event(
+            NodeEvent(
+                session.node_id,
+                EVENT_DISCONNECTED,
+                self.reactor.seconds(),
+                session.connection.transport,
+                reason,
+            )
+        )
+
+    def close_all(self, code: int, reason: str) -> None:
+        """Close every node's connection (hub shutdown); queues are kept."""
+        for session in list(self.sessions.values()):
+            self._end(session, reason)
+            session.connection.close(code, reason)
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def send(self, node_id: str, message: Message) -> Deferred[Message]:
+        """Queue ``message`` for ``node_id`` (connected or not); see :meth:`NodeQueue.offer`."""
+        if not node_id:
+            raise InvalidMessage(node_id, "no node id")
+        message = _to_wire(node_id, message)
+        result = self._queue(node_id).offer(message)
+        assert result is not None
+        return result
+
+    # --- subscribers -------------------------------------------------------------------------
+
+    def subscribe(self, callback: MessageCallback, group: str | None = None) -> Callable[[], None]:
+        entry = (callback, group)
+        self._subscribers.append(entry)
+        return lambda: self._subscribers.remove(entry) if entry in self._subscribers else None
+
+    def subscribe_events(self, callback: EventCallback) -> Callable[[], None]:
+        self._event_subscribers.append(callback)
+        return lambda: (
+            self._event_subscribers.remove(callback)
+            if callback in self._event_subscribers
+            else None
+        )
+
+    def _publish(self, node_id: str, message: Message) -> None:
+        for callback, group in list(self._subscribers):
+            if group is None or group == message.group:
+                try:
+                    callback(node_id, message)
+                except Exception:
+                    log.failure("subscriber {callback!r} failed", callback=callback)
+
+    def _publish_event(self, event: NodeEvent) -> None:
+        for callback in list(self._event_subscribers):
+            try:
+                callback(event)
+            except Exception:
+                log.failure("node event subscriber {callback!r} failed", callback=callback)
+
+    def nodes(self) -> list[NodeInfo]:
+        return [
+            NodeInfo(
+                node_id=s.node_id,
+                project_id=s.connection.project_id,
+                transport=s.connection.transport,
+                peer=s.connection.peer,
+                connected_at=s.connected_at,
+                last_keepalive=s.last_keepalive,
+                pending=s.queue.depth,
+            )
+            for s in self.sessions.values()
+        ]
+
+
+def _to_wire(node_id: str, message: Message) -> Message:
+    """The message with its resource in wire form; ``node/<id>/`` prefixes must name ``node_id``."""
+    resource = message.resource
+    if resource.startswith("node/"):
+        target = model.target_node(resource)
+        if target != node_id:
+            raise InvalidMessage(node_id, f"resource {resource!r} names node {target!r}")
+        message = message.copy(resource=model.trim_resource(resource))
+    if not message.msg_id:
+        message = message.copy(
+            msg_id=model.new_msg_id(), timestamp=message.timestamp or model.now_ms()
+        )
+    if message.sync:
+        message = message.copy(sync=False)  # every transport write clears it (§2.4)
+    return message

@@ -1,0 +1,282 @@
+"""What the hub owes one node: the per-node queue and store (protocol §6.3–§6.6).
+
+Two classes of message (§6.3): *ACK mode* messages carry a k8s object and are kept, newest
+version per object UID, until the edge acknowledges them; *no-ACK* messages are sent once, in
+order. This module holds the data and the rules (classification, resourceVersion, supersede);
+the timers and transmissions are :class:`cloudhub.session.NodeSession`'s.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+
+from cloudhub import model
+from cloudhub.errors import (
+    InvalidMessage,
+    ResourceVersionError,
+    StaleMessage,
+    Superseded,
+)
+from cloudhub.model import Message
+
+_NO_ACK_RESOURCE_MARKERS = ("podlist", "membership", "twin/cloud_updated", "serviceaccounttoken")
+_NO_ACK_EDGECONTROLLER_TYPES = frozenset({"node", "lease", "nodepatch", "podpatch", "podstatus"})
+
+# Most no-ACK messages kept for an offline node; older ones are dropped first, as edgecore's
+# own 100-entry FIFO does (§6.6): no-ACK messages are best effort by definition.
+NO_ACK_BACKLOG = 1000
+
+
+def is_ack_mode(message: Message) -> bool:
+    """True when the edge is expected to acknowledge ``message`` (§6.3, step 3).
+
+    ``message.resource`` is in wire form (``<ns>/<type>/<name>``).
+    """
+    resource = message.resource
+    for marker in _NO_ACK_RESOURCE_MARKERS:
+        if marker in resource:
+            return False
+    operation = message.operation
+    if operation in model.CSI_OPERATIONS or operation == model.OP_APPLICATION_RESPONSE:
+        return False
+    if message.group == model.GROUP_USER or message.source == "nodeupgradejobcontroller":
+        return False
+    if operation == model.OP_RESPONSE and (
+        message.content == "OK" or _is_go_error(message.content)
+    ):
+        return False
+    if message.source == model.SOURCE_EDGECONTROLLER:
+        kind = model.resource_type(resource)
+        if kind in _NO_ACK_EDGECONTROLLER_TYPES or (
+            kind == "pod" and operation == model.OP_RESPONSE
+        ):
+            return False
+    return True
+
+
+def _is_go_error(content: Any) -> bool:
+    # A Go error marshals as {"ErrStatus": {...}} for a k8s StatusError (§1.2).
+    return isinstance(content, dict) and "ErrStatus" in content and len(content) == 1
+
+
+class PendingEntry:
+    """The newest undelivered message for one object, and who waits for its ACK."""
+
+    __slots__ = ("uid", "message", "version", "delete", "waiters", "transmissions", "failures")
+
+    def __init__(self, uid: str, message: Message, version: int | None, delete: bool) -> None:
+        self.uid = uid
+        self.message = message
+        self.version = version  # None for deletes without a resourceVersion
+        self.delete = delete
+        self.waiters: list[Deferred[Message]] = []
+        self.transmissions = 0  # sends of this message in the current round (≤ 5)
+        self.failures = 0  # rounds that ended without an ACK (drives the backoff)
+
+
+class NodeQueue:
+    """Everything owed to one node, whether or not it is connected.
+
+    ``on_ready`` (set by the node's session while it is connected) is called when there is
+    something new to send.
+    """
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.pending: dict[str, PendingEntry] = {}
+        self.ready: dict[str, None] = {}  # uids to send, in order (a dict is an ordered set)
+        self.delayed: dict[str, float] = {}  # uid -> time it may be sent again (backoff)
+        self.by_msg_id: dict[str, str] = {}  # msg_id of a pending message -> uid
+        self.acked: dict[str, int] = {}  # uid -> last acknowledged resourceVersion
+        self.no_ack: deque[tuple[Message, Deferred[Message] | None]] = deque()
+        self.on_ready: Callable[[], None] | None = None
+
+    # --- accepting -------------------------------------------------------------------------
+
+    def offer(self, message: Message, want_result: bool = True) -> Deferred[Message] | None:
+        """Take ``message`` (resource in wire form) for delivery.
+
+        Returns a Deferred that fires with the message once the edge acknowledges it (ACK
+        mode) or once it is written (no-ACK mode); it fails with :class:`StaleMessage`,
+        :class:`InvalidMessage` or later :class:`Superseded`. ``want_result=False`` skips the
+        Deferred for callers that do not wait (returns None; refusals still raise).
+        """
+        if not is_ack_mode(message):
+            waiter: Deferred[Message] | None = Deferred() if want_result else None
+            if len(self.no_ack) >= NO_ACK_BACKLOG:
+                _, dropped = self.no_ack.popleft()
+                if dropped is not None:
+                    dropped.errback(InvalidMessage(self.node_id, "no-ACK backlog full, dropped"))
+            self.no_ack.append((message, waiter))
+            self._notify()
+            return waiter
+        try:
+            entry = self._admit(message)
+        except (InvalidMessage, StaleMessage) as refused:
+            if want_result:
+                return fail(refused)
+            raise
+        waiter = None
+        if want_result:
+            waiter = Deferred()
+            entry.waiters.append(waiter)
+        self._notify()
+        return waiter
+
+    def _admit(self, message: Message) -> PendingEntry:
+        uid = model.object_uid(message.content)
+        if not uid:
+            raise InvalidMessage(
+                self.node_id,
+                f"{message.operation} {message.resource or '(no resource)'} is delivered with "
+                "acknowledgement and needs content.metadata.uid",
+            )
+        delete = model.is_delete(message)
+        version: int | None = None
+        if message.resource_version:
+            try:
+                version = model.parse_resource_version(message.resource_version)
+            except ResourceVersionError as e:
+                raise InvalidMessage(self.node_id, str(e)) from None
+        elif not delete:
+            raise InvalidMessage(
+                self.node_id,
+                f"{message.operation} of object {uid} needs header.resourceversion",
+            )
+        current = self.pending.get(uid)
+        always = delete or message.operation == model.OP_RESPONSE
+        if not always:
+            assert version is not None
+            pending_version = current.version if current is not None else None
+            acked = self.acked.get(uid)
+            if current is not None and (current.delete or (pending_version or 0) >= version):
+                raise self._stale(uid, message, acked, current)
+            if current is None and acked is not None and acked >= version:
+                raise self._stale(uid, message, acked, None)
+        entry = PendingEntry(uid, message, version, delete)
+        if current is not None:
+            self._supersede(current, entry)
+        self.pending[uid] = entry
+        self.by_msg_id[message.msg_id] = uid
+        if uid not in self.delayed:
+            self.ready[uid] = None
+        return entry
+
+    def _stale(
+        self, uid: str, message: Message, acked: int | None, current: PendingEntry | None
+    ) -> StaleMessage:
+        pending = None
+        if current is not None:
+            pending = "delete" if current.delete else str(current.version)
+        return StaleMessage(
+            self.node_id,
+            uid,
+            message.resource_version,
+            None if acked is None else str(acked),
+            pending,
+        )
+
+    def _supersede(self, old: PendingEntry, new: PendingEntry) -> None:
+        # The old msg_id stays known while it may be in flight, so a late ACK of it still
+        # records that the edge holds that version (see acknowledge()).
+        new.failures = old.failures
+        for waiter in old.waiters:
+            waiter.errback(
+                Superseded(self.node_id, old.uid, old.message.msg_id, new.message.msg_id)
+            )
+        old.waiters.clear()
+
+    def _notify(self) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def next_ready(self) -> PendingEntry | None:
+        """The next ACK-mode entry to transmit (removed from the ready order), or None."""
+        while self.ready:
+            uid = next(iter(self.ready))
+            del self.ready[uid]
+            entry = self.pending.get(uid)
+            if entry is not None:
+                return entry
+        return None
+
+    def requeue(self, entry: PendingEntry, front: bool = False) -> None:
+        """Put an unacknowledged entry back in the ready order (connection lost)."""
+        uid = entry.uid
+        if uid not in self.pending or uid in self.delayed:
+            return
+        if front:
+            self.ready = {uid: None, **self.ready}
+        else:
+            self.ready[uid] = None
+
+    def delay(self, entry: PendingEntry, until: float) -> None:
+        """Hold an entry back until ``until`` (backoff after unanswered transmissions)."""
+        self.ready.pop(entry.uid, None)
+        self.delayed[entry.uid] = until
+
+    def release_delayed(self, now: float | None = None) -> float | None:
+        """Move entries whose backoff is over (all, when ``now`` is None) to the ready order.
+
+        Returns the earliest time a still-delayed entry becomes ready, or None.
+        """
+        earliest: float | None = None
+        for uid, until in list(self.delayed.items()):
+            if now is None or until <= now:
+                del self.delayed[uid]
+                if uid in self.pending:
+                    self.ready[uid] = None
+            elif earliest is None or until < earliest:
+                earliest = until
+        return earliest
+
+    def acknowledge(self, msg_id: str) -> PendingEntry | None:
+        """Record the edge's ACK of ``msg_id``; returns the entry it completed, if any.
+
+        An ACK of a message that was since superseded still records the version the edge now
+        holds; a second ACK of the same message does nothing (counts once).
+        """
+        uid = self.by_msg_id.pop(msg_id, None)
+        if uid is None:
+            return None
+        entry = self.pending.get(uid)
+        if entry is None or entry.message.msg_id != msg_id:
+            return None  # superseded: the newer entry stays owed
+        del self.pending[uid]
+        self.ready.pop(uid, None)
+        self.delayed.pop(uid, None)
+        if entry.delete:
+            self.acked.pop(uid, None)
+        elif entry.version is not None:
+            self.acked[uid] = max(entry.version, self.acked.get(uid, 0))
+        for waiter in entry.waiters:
+            waiter.callback(entry.message)
+        entry.waiters.clear()
+        return entry
+
+    def take_no_ack(self) -> deque[tuple[Message, Deferred[Message] | None]]:
+        """All queued no-ACK messages, in order, handed over for sending."""
+        taken, self.no_ack = self.no_ack, deque()
+        return taken
+
+    def forget_superseded(self, msg_id: str) -> None:
+        """Drop the ACK index of a superseded message once it can no longer be in flight."""
+        uid = self.by_msg_id.get(msg_id)
+        if uid is not None:
+            entry = self.pending.get(uid)
+            if entry is None or entry.message.msg_id != msg_id:
+                del self.by_msg_id[msg_id]
+
+    @property
+    def depth(self) -> int:
+        """Messages owed: ACK-mode entries pending plus queued no-ACK messages."""
+        return len(self.pending) + len(self.no_ack)
+
+    def is_idle(self) -> bool:
+        return not self.pending and not self.no_ack and not self.acked
