@@ -74,6 +74,12 @@ class CloudHubService(MultiService):
         self.https = ListeningService("https", https, self.certificate_site)
         self.https.setServiceParent(self)
 
+        self.websocket: ListeningService | None = None
+        if hub.websocket.enable:
+            from cloudhub.transport.websocket import websocket_listener
+
+            self.websocket = websocket_listener(config, self.authority, self.handle, reactor)
+            self.websocket.setServiceParent(self)
 
     def listeners(self) -> list[ListeningService]:
         return [s for s in self if isinstance(s, ListeningService)]

@@ -405,3 +405,57 @@ class DeliveryTests(HubTestCase):
         )
         self.ack(connection, sent)
         self.successResultOf(replied)
+
+
+class CapturedTrafficTests(HubTestCase):
+    """Scenario H of shared/testdata/edgecore/ws-frames.txt through the real MessageHandle."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        import ast
+        import os
+
+        from cloudhub import wire
+
+        path = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            "..",
+            "shared",
+            "testdata",
+            "edgecore",
+            "ws-frames.txt",
+        )
+        if not os.path.exists(path):
+            raise __import__("twisted.trial.unittest").trial.unittest.SkipTest(
+                f"edgecore capture not found at {path}"
+            )
+        self.frames: list[tuple[str, Message]] = []
+        with open(path, encoding="utf-8") as f:
+            text = f.read().split("## Scenario C")[0]
+        for line in text.splitlines():
+            for marker, direction in (("unmasked payload: ", "up"), ("   payload: ", "down")):
+                if marker in line:
+                    payload = ast.literal_eval(line.split(marker, 1)[1])
+                    self.frames.append((direction, wire.decode(payload)))
+
+    def test_keepalives_rearm_and_ack_matches(self) -> None:
+        connection = self.connect("edge-node-1")
+        delivered = None
+        for direction, message in self.frames:
+            if direction == "down":
+                # The cloud's pod insert, sent through the hub with its captured msg_id.
+                delivered = self.upstream.send("edge-node-1", message)
+                self.assertEqual(connection.sent[-1].msg_id, message.msg_id)
+            else:
+                self.handle.message_received(connection, message)
+                if message.operation == "keepalive":
+                    self.clock.advance(15)
+        self.assertIsNotNone(delivered)
+        self.assertEqual(
+            self.successResultOf(delivered).msg_id, "83f9679b-c4ba-4142-853c-0a46a002bc18"
+        )
+        # Five keepalives 15 s apart kept the node; the final blank frame was ignored.
+        self.assertIsNone(connection.closed)
+        self.assertEqual(self.received, [])
+        self.clock.advance(30)
+        self.assertIsNotNone(connection.closed)
