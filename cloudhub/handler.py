@@ -11,16 +11,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cloudhub import model
-from cloudhub.errors import InvalidMessage, NodeRefused
+from cloudhub.errors import InvalidMessage, NodeRefused, StaleMessage
 from cloudhub.interfaces import CLOSE_POLICY, IConnection, IConnectionHandler
 from cloudhub.model import Message
 from cloudhub.queue import NodeQueue
 from cloudhub.session import RETRANSMIT_INTERVAL, NodeSession
+from cloudhub.stats import HubStats
+from cloudhub.store.interfaces import ISyncStore
 
 log = Logger()
 
@@ -64,6 +67,7 @@ class MessageHandle:
         keepalive_interval: float = 30.0,
         node_limit: int = 500,
         retransmit_interval: float = RETRANSMIT_INTERVAL,
+        store: ISyncStore | None = None,
     ) -> None:
         self.reactor = reactor
         self.keepalive_interval = keepalive_interval
@@ -73,8 +77,17 @@ class MessageHandle:
         self.queues: dict[str, NodeQueue] = {}
         self._subscribers: list[tuple[MessageCallback, str | None]] = []
         self._event_subscribers: list[EventCallback] = []
-        self.refused = 0
-        self.keepalive_timeouts = 0
+        self.stats = HubStats()
+        self.store = store
+        if store is not None:
+            restored = 0
+            for record in store.load():
+                self._queue(record.node_id).restore(record)
+                restored += record.pending is not None
+            if restored:
+                log.info(
+                    "{count} undelivered messages restored from the sync store", count=restored
+                )
 
     # --- IConnectionHandler -----------------------------------------------------------------
 
@@ -82,7 +95,7 @@ class MessageHandle:
         node_id = connection.node_id
         old = self.sessions.get(node_id)
         if old is None and len(self.sessions) >= self.node_limit:
-            self.refused += 1
+            self.stats.node_limit_refusals += 1
             log.warn(
                 "node {node} from {peer} refused: node limit {limit} reached",
                 node=node_id,
@@ -105,6 +118,7 @@ class MessageHandle:
             self.keepalive_interval,
             self._expired,
             retransmit_interval=self.retransmit_interval,
+            stats=self.stats,
         )
         self.sessions[node_id] = session
         log.info(
@@ -123,6 +137,7 @@ class MessageHandle:
         session = self.sessions.get(connection.node_id)
         if session is None or session.connection is not connection:
             return  # a connection already replaced or expired; it is being closed
+        self.stats.received += 1
         operation = message.operation
         if operation == model.OP_KEEPALIVE:
             session.keepalive()
@@ -154,11 +169,11 @@ class MessageHandle:
     def _queue(self, node_id: str) -> NodeQueue:
         queue = self.queues.get(node_id)
         if queue is None:
-            queue = self.queues[node_id] = NodeQueue(node_id)
+            queue = self.queues[node_id] = NodeQueue(node_id, self.store, self.stats)
         return queue
 
     def _expired(self, session: NodeSession) -> None:
-        self.keepalive_timeouts += 1
+        self.stats.keepalive_timeouts += 1
         self._end(session, "keepalive timeout")
         session.connection.close(
             CLOSE_POLICY, f"no keepalive for {self.keepalive_interval:g} seconds"
@@ -194,7 +209,22 @@ class MessageHandle:
         message = _to_wire(node_id, message)
         result = self._queue(node_id).offer(message)
         assert result is not None
+        if result.called:
+            result.addErrback(self._count_refusal)
         return result
+
+    def _count_refusal(self, failure: Failure) -> Failure:
+        if failure.check(StaleMessage):
+            self.stats.refused_stale += 1
+        elif failure.check(InvalidMessage):
+            self.stats.refused_invalid += 1
+        return failure
+
+    def flush(self) -> Deferred[None]:
+        """Fires once every message accepted before the call is durable in the sync store."""
+        if self.store is None:
+            return succeed(None)
+        return self.store.flush()
 
     # --- subscribers -------------------------------------------------------------------------
 

@@ -22,6 +22,8 @@ from cloudhub.errors import (
     Superseded,
 )
 from cloudhub.model import Message
+from cloudhub.stats import HubStats
+from cloudhub.store.interfaces import ISyncStore, SyncRecord
 
 _NO_ACK_RESOURCE_MARKERS = ("podlist", "membership", "twin/cloud_updated", "serviceaccounttoken")
 _NO_ACK_EDGECONTROLLER_TYPES = frozenset({"node", "lease", "nodepatch", "podpatch", "podstatus"})
@@ -85,8 +87,12 @@ class NodeQueue:
     something new to send.
     """
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(
+        self, node_id: str, store: ISyncStore | None = None, stats: HubStats | None = None
+    ) -> None:
         self.node_id = node_id
+        self.store = store
+        self.stats = stats if stats is not None else HubStats()
         self.pending: dict[str, PendingEntry] = {}
         self.ready: dict[str, None] = {}  # uids to send, in order (a dict is an ordered set)
         self.delayed: dict[str, float] = {}  # uid -> time it may be sent again (backoff)
@@ -109,6 +115,7 @@ class NodeQueue:
             waiter: Deferred[Message] | None = Deferred() if want_result else None
             if len(self.no_ack) >= NO_ACK_BACKLOG:
                 _, dropped = self.no_ack.popleft()
+                self.stats.dropped += 1
                 if dropped is not None:
                     dropped.errback(InvalidMessage(self.node_id, "no-ACK backlog full, dropped"))
             self.no_ack.append((message, waiter))
@@ -164,7 +171,36 @@ class NodeQueue:
         self.by_msg_id[message.msg_id] = uid
         if uid not in self.delayed:
             self.ready[uid] = None
+        if self.store is not None:
+            content = message.content
+            self.store.put_pending(
+                self.node_id,
+                uid,
+                message,
+                model.object_kind(content),
+                model.object_namespace(content),
+                model.object_name(content),
+            )
         return entry
+
+    def restore(self, record: SyncRecord) -> None:
+        """Take back what the sync store kept across a restart (records in ``seq`` order)."""
+        uid = record.uid
+        if record.acked_version is not None:
+            self.acked[uid] = record.acked_version
+        message = record.pending
+        if message is None:
+            return
+        version = None
+        if message.resource_version:
+            try:
+                version = model.parse_resource_version(message.resource_version)
+            except ResourceVersionError:
+                version = None
+        entry = PendingEntry(uid, message, version, model.is_delete(message))
+        self.pending[uid] = entry
+        self.by_msg_id[message.msg_id] = uid
+        self.ready[uid] = None
 
     def _stale(
         self, uid: str, message: Message, acked: int | None, current: PendingEntry | None
@@ -184,6 +220,7 @@ class NodeQueue:
         # The old msg_id stays known while it may be in flight, so a late ACK of it still
         # records that the edge holds that version (see acknowledge()).
         new.failures = old.failures
+        self.stats.superseded += 1
         for waiter in old.waiters:
             waiter.errback(
                 Superseded(self.node_id, old.uid, old.message.msg_id, new.message.msg_id)
@@ -251,6 +288,8 @@ class NodeQueue:
         del self.pending[uid]
         self.ready.pop(uid, None)
         self.delayed.pop(uid, None)
+        if self.store is not None:
+            self.store.acknowledged(self.node_id, uid, entry.version, entry.delete)
         if entry.delete:
             self.acked.pop(uid, None)
         elif entry.version is not None:

@@ -25,6 +25,7 @@ from cloudhub.config import HubConfig
 from cloudhub.handler import MessageHandle
 from cloudhub.interfaces import CLOSE_GOING_AWAY
 from cloudhub.listening import ListeningService
+from cloudhub.store import open_store
 from cloudhub.upstream import Upstream
 
 log = Logger()
@@ -56,8 +57,12 @@ class CloudHubService(MultiService):
         self.tokens = TokenIssuer(self.authority, hub.token_refresh_duration, reactor)
         self.tokens.setServiceParent(self)
 
+        self.store = open_store(config.hub.store.type, config.store_path, reactor)
         self.handle = MessageHandle(
-            reactor, keepalive_interval=hub.keepalive_interval, node_limit=hub.node_limit
+            reactor,
+            keepalive_interval=hub.keepalive_interval,
+            node_limit=hub.node_limit,
+            store=self.store,
         )
         self.upstream = Upstream(self.handle)
 
@@ -118,7 +123,11 @@ class CloudHubService(MultiService):
         log.info("cloudhub stopping")
         self.is_ready = False
         self.handle.close_all(CLOSE_GOING_AWAY, "hub shutting down")
-        return super().stopService()  # type: ignore[no-any-return]
+        stopped: Deferred[Any] = super().stopService()
+        # Listeners first, then what they accepted is committed and the store closed.
+        stopped.addBoth(lambda _: self.store.close())
+        stopped.addErrback(lambda f: log.failure("closing the sync store failed", f))
+        return stopped
 
     def port(self, name: str) -> int:
         """The bound port of listener ``name`` (``https``, ``websocket``, ...)."""

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from cloudhub.interfaces import IConnection
 from cloudhub.model import Message
 from cloudhub.queue import NodeQueue, PendingEntry
+from cloudhub.stats import HubStats
 
 log = Logger()
 
@@ -48,6 +49,7 @@ class NodeSession:
         on_expired: Callable[[NodeSession], None],
         retransmit_interval: float = RETRANSMIT_INTERVAL,
         max_transmissions: int = MAX_TRANSMISSIONS,
+        stats: HubStats | None = None,
     ) -> None:
         self.connection = connection
         self.node_id: str = connection.node_id
@@ -65,8 +67,8 @@ class NodeSession:
         self._retransmit: IDelayedCall | None = None
         self._wakeup: IDelayedCall | None = None
         self.active = False
-        self.sent = 0
-        self.retransmitted = 0
+        self.stats = stats if stats is not None else HubStats()
+        self._first_sent_at = 0.0
 
     # --- life --------------------------------------------------------------------------------
 
@@ -118,7 +120,7 @@ class NodeSession:
             send = self.connection.send_message
             for message, waiter in queue.take_no_ack():
                 send(message)
-                self.sent += 1
+                self.stats.sent += 1
                 if waiter is not None:
                     waiter.callback(message)
         if self.in_flight is None:
@@ -130,16 +132,23 @@ class NodeSession:
         self.in_flight = entry
         self._in_flight_msg_id = entry.message.msg_id
         entry.transmissions += 1
+        stats = self.stats
         if entry.transmissions > 1:
-            self.retransmitted += 1
-        self.sent += 1
+            stats.retransmitted += 1
+        else:
+            self._first_sent_at = self.reactor.seconds()
+        stats.sent += 1
         self.connection.send_message(entry.message)
         self._retransmit = self.reactor.callLater(self.retransmit_interval, self._no_ack_in_time)
 
     def acknowledged(self, parent_msg_id: str) -> PendingEntry | None:
         """The edge acknowledged ``parent_msg_id``; returns the entry it completed, if any."""
         entry = self.queue.acknowledge(parent_msg_id)
+        if entry is not None:
+            self.stats.acknowledged += 1
         if self.in_flight is not None and parent_msg_id == self._in_flight_msg_id:
+            if self.stats.ack_latency_observers:
+                self.stats.observe_ack_latency(self.reactor.seconds() - self._first_sent_at)
             self._finish_in_flight()
             self.pump()
         return entry
@@ -172,6 +181,13 @@ class NodeSession:
             return
         entry.failures += 1
         delay = backoff_delay(entry.failures)
+        if self.queue.store is not None:
+            self.queue.store.note_attempt(
+                self.node_id,
+                entry.uid,
+                entry.failures * self.max_transmissions,
+                f"no ACK after {entry.transmissions} transmissions",
+            )
         log.info(
             "node {node} did not acknowledge {msg_id} after {count} transmissions; "
             "retrying in {delay:.3f}s",

@@ -41,6 +41,14 @@ class Upstream:
         """
         return self._handle.send(node_id, message)
 
+    def flush(self) -> Deferred[None]:
+        """Fires once every message sent before the call is durably stored (survives a crash).
+
+        ``send()``'s Deferred fires on the edge's ACK; wait on this one to know that what you
+        handed in will be delivered even if the hub is killed now.
+        """
+        return self._handle.flush()
+
     def subscribe(self, callback: MessageCallback, group: str | None = None) -> Callable[[], None]:
         """Call ``callback(node_id, message)`` for every message an edge sends.
 

@@ -82,7 +82,7 @@ class ConnectionTests(HubTestCase):
         with self.assertRaises(NodeRefused) as caught:
             self.connect("edge-3")
         self.assertIn("node limit 3", str(caught.exception))
-        self.assertEqual(self.handle.refused, 1)
+        self.assertEqual(self.handle.stats.node_limit_refusals, 1)
         for connection in connections:
             self.assertIsNone(connection.closed)
             message = pod_message(f"uid-{connection.node_id}", "1", "insert")
@@ -459,3 +459,72 @@ class CapturedTrafficTests(HubTestCase):
         self.assertEqual(self.received, [])
         self.clock.advance(30)
         self.assertIsNotNone(connection.closed)
+
+
+class DurableDeliveryTests(SynchronousTestCase):
+    """The handle with a sync store: what is owed survives a new MessageHandle (a restart)."""
+
+    def setUp(self) -> None:
+        from cloudhub.store import MemorySyncStore
+
+        self.clock = Clock()
+        self.store = MemorySyncStore()
+
+    def hub(self) -> Upstream:
+        self.handle = MessageHandle(self.clock, store=self.store)
+        return Upstream(self.handle)
+
+    def connect(self, node_id: str) -> FakeConnection:
+        connection = FakeConnection(node_id)
+        self.handle.connection_made(connection)
+        return connection
+
+    def test_pending_survives_restart_in_order_same_msg_id(self) -> None:
+        upstream = self.hub()
+        sent = [pod_message(f"u{i}", "1", "insert", name=f"p{i}") for i in range(3)]
+        for message in sent:
+            upstream.send("edge-1", message)
+        self.successResultOf(upstream.flush())
+        self.hub()  # restart
+        connection = self.connect("edge-1")
+        for message in sent:
+            self.assertEqual(connection.sent[-1].msg_id, message.msg_id)
+            self.handle.message_received(connection, model.new_ack(connection.sent[-1]))
+        self.assertEqual(len(connection.sent), 3)
+        records = self.successResultOf(self.store.records("edge-1"))
+        self.assertEqual(
+            {r.uid: (r.acked_version, r.pending) for r in records},
+            {f"u{i}": (1, None) for i in range(3)},
+        )
+
+    def test_acked_version_survives_restart_stale_refused(self) -> None:
+        upstream = self.hub()
+        connection = self.connect("edge-1")
+        upstream.send("edge-1", pod_message("u1", "5", "insert"))
+        self.handle.message_received(connection, model.new_ack(connection.sent[-1]))
+        upstream = self.hub()
+        self.failureResultOf(upstream.send("edge-1", pod_message("u1", "5")), StaleMessage)
+        newer = upstream.send("edge-1", pod_message("u1", "6"))
+        connection = self.connect("edge-1")
+        self.assertEqual(connection.sent[-1].resource_version, "6")
+        self.handle.message_received(connection, model.new_ack(connection.sent[-1]))
+        self.successResultOf(newer)
+
+    def test_acknowledged_delete_removes_record(self) -> None:
+        upstream = self.hub()
+        connection = self.connect("edge-1")
+        upstream.send("edge-1", pod_message("u1", "5", "insert"))
+        self.handle.message_received(connection, model.new_ack(connection.sent[-1]))
+        upstream.send("edge-1", pod_message("u1", "6", "delete"))
+        self.handle.message_received(connection, model.new_ack(connection.sent[-1]))
+        self.assertEqual(self.successResultOf(self.store.records("edge-1")), [])
+
+    def test_backoff_records_attempts(self) -> None:
+        upstream = self.hub()
+        self.connect("edge-1")
+        upstream.send("edge-1", pod_message("u1", "5", "insert"))
+        for _ in range(5):
+            self.clock.advance(5)
+        [record] = self.successResultOf(self.store.records("edge-1"))
+        self.assertEqual(record.attempts, 5)
+        self.assertIn("no ACK", record.last_error)

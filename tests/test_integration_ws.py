@@ -126,8 +126,8 @@ class WebSocketHubTests(TestCase):
         closed = yield fourth.when_disconnected()
         self.assertEqual(closed.code, CLOSE_TRY_AGAIN_LATER)
         self.assertIn("node limit 3", closed.reason)
-        self.assertEqual(self.hub.handle.refused, 1)
-        for i, node in enumerate(nodes):
+        self.assertEqual(self.hub.handle.stats.node_limit_refusals, 1)
+        for i in range(len(nodes)):
             message = pod_message(f"uid-{i}", "1", "insert")
             acked = yield self.hub.upstream.send(f"edge-{i}", message)
             self.assertEqual(acked.msg_id, message.msg_id)

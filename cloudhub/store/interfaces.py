@@ -1,0 +1,135 @@
+"""The sync store's contract: what the hub keeps per (node, object) across restarts (design.md).
+
+KubeEdge keeps this in ObjectSync / ClusterObjectSync objects named ``<node>.<uid>`` (§6.3–§6.5):
+the last resourceVersion the edge acknowledged. We also keep the newest undelivered message
+itself, since there is no API server to re-read the object from, so that nothing the hub
+accepted is lost by a disconnect or a ``kill -9`` of the hub.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from zope.interface import Interface
+
+from cloudhub import wire
+from cloudhub.errors import CloudHubError, DecodeError
+from cloudhub.model import Message
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+
+class StoreError(CloudHubError):
+    """The sync store could not open, read or commit; the message names the file and why.
+
+    A failed commit fails the ``flush()`` Deferreds waiting for it (the HTTP API answers 5xx);
+    the changes stay buffered and are tried again with the next batch.
+    """
+
+
+class StoreClosed(StoreError):
+    """A write, flush or read reached a store after ``close()``."""
+
+
+class StoreSchemaError(StoreError):
+    """The database file holds a schema this version of cloudhub does not know."""
+
+
+def encode_pending(message: Message) -> str:
+    """The persisted form of a pending message: its WebSocket-lane JSON (§1.1), as text.
+
+    Every store keeps this form, so what a store gives back is what any other would.
+    """
+    return wire.encode(message).decode("utf-8")
+
+
+def decode_pending(text: str, node_id: str, uid: str) -> Message:
+    """The message back from :func:`encode_pending`; :class:`StoreError` names the record."""
+    try:
+        return wire.decode(text.encode("utf-8"))
+    except DecodeError as e:
+        raise StoreError(f"pending message of node {node_id!r} object {uid} is corrupt: {e}") from e
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRecord:
+    """What the hub knows about one object on one node (ObjectSync ``<node>.<uid>``, §6.3).
+
+    ``pending`` is the newest message still owed to the node (None once acknowledged or
+    withdrawn); ``acked_version`` the resourceVersion the edge last acknowledged (None when it
+    never acknowledged a versioned message). ``seq`` orders pending messages for replay after a
+    restart: each ``put_pending`` takes the next number, so a superseding version goes to the
+    back, as in :class:`cloudhub.queue.NodeQueue` once the old version was sent.
+    """
+
+    node_id: str
+    uid: str
+    kind: str
+    namespace: str  # "null" for a cluster-scoped object (ClusterObjectSync, §6.3)
+    name: str
+    resource: str  # wire form, "<ns>/<type>/<name>"
+    acked_version: int | None
+    pending: Message | None
+    seq: int
+    attempts: int
+    last_error: str
+
+
+class ISyncStore(Interface):
+    """Durable per-node delivery state. Every method is called from the reactor thread.
+
+    Writes (``put_pending``, ``acknowledged``, ``dropped``, ``note_attempt``) return at once
+    and are durable after the next ``flush()`` fires; they raise :class:`StoreClosed` after
+    ``close()``. Their effect is that of applying them one after the other, in call order,
+    however an implementation batches them.
+    """
+
+    def load() -> list[SyncRecord]:
+        """Every record, ordered by ``seq``. Called once at startup, before any write; may block."""
+
+    def put_pending(
+        node_id: str, uid: str, message: Message, kind: str, namespace: str, name: str
+    ) -> None:
+        """Record (or replace) the message owed to ``node_id`` for object ``uid``.
+
+        Keeps ``acked_version``, ``attempts`` and ``last_error``; takes a new ``seq``. The
+        message is captured as it is now (later changes to the object are not recorded).
+        """
+
+    def acknowledged(node_id: str, uid: str, version: int | None, deleted: bool) -> None:
+        """The edge acknowledged: ``pending`` cleared, ``acked_version = version``, attempts reset.
+
+        ``deleted=True`` (an acknowledged delete) removes the record: the ObjectSync goes
+        (§6.4, ``saveSuccessPoint``). A record is created if there was none.
+        """
+
+    def dropped(node_id: str, uid: str) -> None:
+        """The pending message was withdrawn without an ACK: ``pending`` cleared, the rest kept."""
+
+    def note_attempt(node_id: str, uid: str, attempts: int, last_error: str) -> None:
+        """Delivery attempts of the pending message so far, and the last error ("" for none).
+
+        Cheap and coalesced: only the last value per (node, uid) is written. Ignored when there
+        is no record.
+        """
+
+    def flush() -> Deferred[None]:
+        """Fires once every write handed in before this call is durable.
+
+        Fails with :class:`StoreError` when the commit failed. Callers in the same reactor turn
+        share one commit.
+        """
+
+    def records(node_id: str | None = None) -> Deferred[list[SyncRecord]]:
+        """Records of one node (all nodes when None), ordered by ``seq``, for the CLI and API.
+
+        Reflects every write handed in before the call.
+        """
+
+    def close() -> Deferred[None]:
+        """Flush, then release the store; fires when done (fails if the last flush failed).
+
+        Calling it again returns the same outcome.
+        """

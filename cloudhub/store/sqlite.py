@@ -1,0 +1,636 @@
+"""The embedded sync store: one SQLite file in WAL mode (design.md, "Embedded default").
+
+Writes never block the reactor. They are buffered in the reactor thread, coalesced per
+(node, uid), and committed by one dedicated writer thread, one transaction per batch; a batch
+starts on the reactor turn after the first write (``callLater(0)``), and while it commits the
+next one accumulates. Only the writer thread touches the database once writing has begun (and
+``load()``, at startup, before it).
+
+Durability (``synchronous``):
+
+* ``NORMAL`` (default): a committed batch is in the WAL file, i.e. handed to the kernel, when
+  ``flush()`` fires; it survives ``kill -9`` of the hub. A power loss or kernel crash may undo
+  the last batches before the next checkpoint (the database stays consistent: older state, not
+  a corrupt one). One fsync per checkpoint, not per batch.
+* ``FULL`` / ``EXTRA``: the WAL is fsync'd at every commit, so ``flush()`` also means "survives
+  power loss". Costs one fsync per batch (batches amortise it across a reactor turn's writes).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorCore
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from cloudhub.model import Message
+from cloudhub.store.interfaces import (
+    ISyncStore,
+    StoreClosed,
+    StoreError,
+    StoreSchemaError,
+    SyncRecord,
+    decode_pending,
+    encode_pending,
+)
+
+log = Logger()
+
+SCHEMA_VERSION = 1  # PRAGMA user_version of the files this module writes
+SYNCHRONOUS_MODES = ("NORMAL", "FULL", "EXTRA")
+
+_TABLE = "sync_record"
+_SCHEMA = f"""
+CREATE TABLE {_TABLE} (
+    node_id       TEXT NOT NULL,
+    uid           TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    namespace     TEXT NOT NULL,  -- "null" for cluster-scoped objects (ClusterObjectSync)
+    name          TEXT NOT NULL,
+    resource      TEXT NOT NULL,  -- wire form <ns>/<type>/<name>
+    acked_version TEXT,           -- decimal: a resourceVersion is uint64, INTEGER is int64
+    pending       TEXT,           -- wire JSON of the message owed (protocol §1.1), or NULL
+    seq           INTEGER NOT NULL,
+    attempts      INTEGER NOT NULL,
+    last_error    TEXT NOT NULL,
+    PRIMARY KEY (node_id, uid)
+)
+"""
+# Value columns (after node_id, uid, before seq) and what a row inserted without them holds;
+# an inserted row without a seq takes the change's insert_seq.
+_NAMES = (
+    "kind",
+    "namespace",
+    "name",
+    "resource",
+    "acked_version",
+    "pending",
+    "attempts",
+    "last_error",
+)
+_DEFAULTS = ("", "null", "", "", None, None, 0, "")
+_UPSERT = (
+    f"INSERT INTO {_TABLE} (node_id, uid, {', '.join(_NAMES)}, seq) "
+    f"VALUES ({', '.join('?' * (len(_NAMES) + 3))}) ON CONFLICT (node_id, uid) DO UPDATE SET "
+)
+_SELECT = (
+    "SELECT node_id, uid, kind, namespace, name, resource, acked_version, pending, seq, "
+    f"attempts, last_error FROM {_TABLE}"
+)
+
+Key = tuple[str, str]  # (node_id, uid)
+Connect = Callable[..., sqlite3.Connection]
+
+
+# --- what a batch holds per key (reactor thread) -----------------------------------------------
+
+
+@dataclass(slots=True)
+class _Change:
+    """The net effect of a run of writes on one (node, uid), in three ordered steps.
+
+    Any run of writes reduces to: delete the row (``delete``), then set columns of the row if
+    it exists (``update``), then insert or update the row (``upsert``). After a delete the row
+    is known to be absent, so ``update`` is dropped; after an upsert it is known to exist, so
+    later updates fold into the upsert. Applying the steps gives the same row as applying the
+    writes one by one.
+    """
+
+    delete: bool = False
+    update: dict[str, Any] | None = None
+    upsert: dict[str, Any] | None = None
+    insert_seq: int = 0  # seq of a row the upsert inserts when it sets no seq itself
+
+    def set_if_present(self, fields: dict[str, Any]) -> None:
+        if self.upsert is not None:
+            self.upsert.update(fields)
+        elif self.delete:
+            pass  # the row is gone; setting columns of nothing does nothing
+        elif self.update is None:
+            self.update = dict(fields)
+        else:
+            self.update.update(fields)
+
+    def set_or_create(self, fields: dict[str, Any], insert_seq: int) -> None:
+        if self.upsert is None:
+            self.upsert = fields
+            self.insert_seq = insert_seq
+        else:
+            self.upsert.update(fields)
+
+    def then(self, later: _Change) -> _Change:
+        """This change followed by ``later`` (both left as they are)."""
+        if later.delete:
+            return later.copy()
+        result = self.copy()
+        if later.update:
+            result.set_if_present(later.update)
+        if later.upsert is not None:
+            result.set_or_create(dict(later.upsert), later.insert_seq)
+        return result
+
+    def copy(self) -> _Change:
+        return _Change(
+            self.delete,
+            None if self.update is None else dict(self.update),
+            None if self.upsert is None else dict(self.upsert),
+            self.insert_seq,
+        )
+
+
+@dataclass(slots=True)
+class _Batch:
+    changes: dict[Key, _Change]
+    waiters: list[Deferred[None]] = field(default_factory=list)
+
+
+# --- database work (writer thread, or startup) -------------------------------------------------
+
+
+def _write_batch(conn: sqlite3.Connection, changes: dict[Key, _Change]) -> None:
+    """Apply one batch in one transaction. Runs in the writer thread; reads ``changes`` only."""
+    deletes: list[Key] = []
+    updates: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    upserts: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    for key, change in changes.items():
+        if change.delete:
+            deletes.append(key)
+        elif change.update:
+            fields = change.update
+            updates.setdefault(tuple(fields), []).append((*fields.values(), *key))
+        if change.upsert is not None:
+            fields = change.upsert
+            row = (*key, *map(fields.get, _NAMES, _DEFAULTS), fields.get("seq", change.insert_seq))
+            upserts.setdefault(tuple(fields), []).append(row)
+    # Steps of one key run in order (delete, update, upsert); different keys are independent.
+    # Rows are grouped by the columns they set (in the order the writes set them).
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if deletes:
+            conn.executemany(f"DELETE FROM {_TABLE} WHERE node_id = ? AND uid = ?", deletes)
+        for columns, rows in updates.items():
+            assignments = ", ".join(f"{c} = ?" for c in columns)
+            conn.executemany(
+                f"UPDATE {_TABLE} SET {assignments} WHERE node_id = ? AND uid = ?", rows
+            )
+        for columns, rows in upserts.items():
+            conn.executemany(_UPSERT + ", ".join(f"{c} = excluded.{c}" for c in columns), rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        log.failure("rollback after a failed sync store commit failed too")
+
+
+def _read(conn: sqlite3.Connection, node_id: str | None) -> list[SyncRecord]:
+    if node_id is None:
+        rows: Iterable[tuple[Any, ...]] = conn.execute(f"{_SELECT} ORDER BY seq, node_id, uid")
+    else:
+        rows = conn.execute(f"{_SELECT} WHERE node_id = ? ORDER BY seq, uid", (node_id,))
+    return [_record(row) for row in rows]
+
+
+def _record(row: tuple[Any, ...]) -> SyncRecord:
+    node, uid, kind, namespace, name, resource, acked, pending, seq, attempts, last_error = row
+    return SyncRecord(
+        node_id=node,
+        uid=uid,
+        kind=kind,
+        namespace=namespace,
+        name=name,
+        resource=resource,
+        acked_version=None if acked is None else int(acked),
+        pending=None if pending is None else decode_pending(pending, node, uid),
+        seq=seq,
+        attempts=attempts,
+        last_error=last_error,
+    )
+
+
+def _prepare_directory(path: str) -> None:
+    """Create the missing directories above ``path``, mode 0700: pending messages may hold
+    Secrets and ConfigMaps."""
+    missing: list[str] = []
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+            os.chmod(directory, 0o700)  # whatever the umask
+        except OSError as e:
+            raise StoreError(
+                f"cannot create the directory {directory} of sync store {path}: {e.strerror}"
+            ) from e
+
+
+def _create_private_file(path: str) -> None:
+    """Create the database file 0600 if absent (SQLite would use the umask)."""
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    except OSError as e:
+        raise StoreError(f"cannot create sync store {path}: {e.strerror}") from e
+    os.close(descriptor)
+
+
+def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
+    conn.execute("BEGIN IMMEDIATE")  # two processes creating the same file take turns
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreSchemaError(
+                f"sync store {path} has schema version {version}, written by a newer cloudhub "
+                f"(this one knows versions up to {SCHEMA_VERSION}); run that cloudhub, or "
+                "point hub.store.path at another file"
+            )
+        if version == 0:
+            tables = [
+                row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            ]
+            if tables:
+                raise StoreSchemaError(
+                    f"{path} is an SQLite database but not a cloudhub sync store "
+                    f"(tables: {', '.join(sorted(tables))})"
+                )
+            conn.execute(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _open(path: str, synchronous: str, connect: Connect) -> sqlite3.Connection:
+    in_memory = path == ":memory:"  # SQLite's private in-memory database: nothing on disk
+    if not in_memory:
+        _prepare_directory(path)
+        _create_private_file(path)
+    try:
+        conn = connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open sync store {path}: {e}") from e
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")  # a CLI reading the file at the same time
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal" and not in_memory:
+            log.warn(
+                "sync store {path}: journal mode is {mode}, not WAL (filesystem without shared "
+                "memory?); commits stay atomic but readers block the writer",
+                path=path,
+                mode=mode,
+            )
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        _ensure_schema(conn, path)
+    except BaseException as e:
+        conn.close()
+        if isinstance(e, sqlite3.Error):
+            raise StoreError(f"cannot open sync store {path}: {e}") from e
+        raise
+    return conn
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+@implementer(ISyncStore)
+class SQLiteSyncStore:
+    """:class:`ISyncStore` on an SQLite file; see the module docstring for the threading rules.
+
+    Opening (directory, file, schema) happens in the constructor, in the calling thread: it is
+    startup. Raises :class:`StoreError` (:class:`StoreSchemaError` for a file of a newer
+    cloudhub or of something else).
+
+    ``connect`` and ``threadpool`` are for tests (a connection that fails, a pool that runs
+    work at once); the store starts and stops the pool, which must have one thread.
+    ``retry_delay`` is how long after a failed commit the buffered changes are tried again.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        reactor: Any,
+        synchronous: str = "NORMAL",
+        *,
+        connect: Connect = sqlite3.connect,
+        threadpool: ThreadPool | None = None,
+        retry_delay: float = 1.0,
+    ) -> None:
+        mode = synchronous.upper()
+        if mode not in SYNCHRONOUS_MODES:
+            raise StoreError(
+                f"sync store {path}: synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, "
+                f"not {synchronous!r}"
+            )
+        self.path = path
+        self.synchronous = mode
+        self._reactor = reactor
+        self._retry_delay = retry_delay
+        self._conn = _open(path, mode, connect)
+        try:
+            self._last_seq: int = self._conn.execute(
+                f"SELECT COALESCE(MAX(seq), 0) FROM {_TABLE}"
+            ).fetchone()[0]
+        except sqlite3.Error as e:
+            self._conn.close()
+            raise StoreError(f"cannot read sync store {path}: {e}") from e
+        if threadpool is None:
+            threadpool = ThreadPool(1, 1, name=f"cloudhub-store:{path}")
+        self._pool = threadpool
+        self._pool_running = False
+        self._shutdown_trigger: Any = None
+
+        self._buffer: dict[Key, _Change] = {}
+        self._waiters: list[Deferred[None]] = []  # flushes waiting for the buffer's commit
+        self._inflight: _Batch | None = None
+        self._scheduled: Any = None  # IDelayedCall of the next batch
+        self._retry_at = 0.0  # no batch before this time (after a failed commit)
+
+        self._closed = False  # no more writes
+        self._close_result: Any = None  # None, or what close() ended with once it ended
+        self._close_done = False
+        self._close_observers: list[Deferred[None]] = []
+
+        # Figures for metrics and benchmarks.
+        self.batches_committed = 0
+        self.changes_committed = 0
+        self.commit_failures = 0
+
+    def __repr__(self) -> str:
+        return f"<SQLiteSyncStore {self.path!r} synchronous={self.synchronous}>"
+
+    # --- writes (reactor thread, buffered) ---------------------------------------------------
+
+    def put_pending(
+        self, node_id: str, uid: str, message: Message, kind: str, namespace: str, name: str
+    ) -> None:
+        if self._closed:
+            raise self._closed_error()
+        self._last_seq += 1
+        # Encoded now, in the reactor thread: the message may change after we return, and the
+        # writer thread must not read objects the reactor thread mutates.
+        fields = {
+            "kind": kind,
+            "namespace": namespace,
+            "name": name,
+            "resource": message.resource,
+            "pending": encode_pending(message),
+            "seq": self._last_seq,
+        }
+        self._set_or_create((node_id, uid), fields)
+
+    def acknowledged(self, node_id: str, uid: str, version: int | None, deleted: bool) -> None:
+        if self._closed:
+            raise self._closed_error()
+        key = (node_id, uid)
+        if deleted:
+            self._buffer[key] = _Change(delete=True)
+            self._schedule()
+            return
+        self._last_seq += 1  # the seq of the record if this creates it
+        fields = {
+            "pending": None,
+            "acked_version": None if version is None else str(version),
+            "attempts": 0,
+            "last_error": "",
+        }
+        self._set_or_create(key, fields)
+
+    def dropped(self, node_id: str, uid: str) -> None:
+        if self._closed:
+            raise self._closed_error()
+        self._set_if_present((node_id, uid), {"pending": None})
+
+    def note_attempt(self, node_id: str, uid: str, attempts: int, last_error: str) -> None:
+        if self._closed:
+            raise self._closed_error()
+        self._set_if_present((node_id, uid), {"attempts": attempts, "last_error": last_error})
+
+    def _set_or_create(self, key: Key, fields: dict[str, Any]) -> None:
+        change = self._buffer.get(key)
+        if change is None:
+            self._buffer[key] = _Change(upsert=fields, insert_seq=self._last_seq)
+        else:
+            change.set_or_create(fields, self._last_seq)
+        self._schedule()
+
+    def _set_if_present(self, key: Key, fields: dict[str, Any]) -> None:
+        change = self._buffer.get(key)
+        if change is None:
+            self._buffer[key] = _Change(update=fields)
+        else:
+            change.set_if_present(fields)
+        self._schedule()
+
+    # --- batching ----------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Start a batch on a coming reactor turn, unless one is scheduled or committing."""
+        if self._scheduled is not None or self._inflight is not None:
+            return
+        delay = max(0.0, self._retry_at - self._reactor.seconds()) if self._retry_at else 0.0
+        self._scheduled = self._reactor.callLater(delay, self._start_batch)
+
+    def _start_batch(self) -> None:
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        if self._inflight is not None:
+            return  # _committed / _commit_failed start the next one
+        if not self._buffer:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            return
+        batch = _Batch(self._buffer, self._waiters)
+        self._buffer, self._waiters = {}, []
+        self._inflight = batch
+        done = deferToThreadPool(
+            self._reactor, self._running_pool(), _write_batch, self._conn, batch.changes
+        )
+        done.addCallbacks(
+            self._committed, self._commit_failed, callbackArgs=(batch,), errbackArgs=(batch,)
+        )
+
+    def _committed(self, _: None, batch: _Batch) -> None:
+        self._inflight = None
+        self._retry_at = 0.0
+        self.batches_committed += 1
+        self.changes_committed += len(batch.changes)
+        for waiter in batch.waiters:
+            waiter.callback(None)
+        if self._buffer and self._inflight is None:
+            self._start_batch()  # what came in while this batch committed
+
+    def _commit_failed(self, failure: Failure, batch: _Batch) -> None:
+        self._inflight = None
+        self.commit_failures += 1
+        self._retry_at = self._reactor.seconds() + self._retry_delay
+        # The failed changes go back under the ones that came in since, so nothing handed in
+        # is lost and the next batch still applies everything in call order.
+        merged = dict(batch.changes)
+        for key, later in self._buffer.items():
+            earlier = merged.get(key)
+            merged[key] = later if earlier is None else earlier.then(later)
+        self._buffer = merged
+        log.failure(
+            "sync store {path}: commit of {count} changes failed; they stay buffered and are "
+            "tried again in {delay}s",
+            failure,
+            path=self.path,
+            count=len(batch.changes),
+            delay=self._retry_delay,
+        )
+        error = StoreError(f"sync store {self.path}: commit failed: {failure.value}")
+        error.__cause__ = failure.value
+        for waiter in batch.waiters:
+            waiter.errback(Failure(error))
+        if self._closed and not self._close_done:
+            # close() is waiting for this very commit: it gives up rather than retry.
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.errback(Failure(error))
+        elif self._buffer:
+            self._schedule()
+
+    def _running_pool(self) -> ThreadPool:
+        if not self._pool_running:
+            self._pool.start()
+            self._pool_running = True
+            if IReactorCore.providedBy(self._reactor):
+                # The writer thread must not outlive the reactor, nor buffered writes be lost
+                # by a clean shutdown that forgot to close the store.
+                self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+                    "before", "shutdown", self._close_at_shutdown
+                )
+        return self._pool
+
+    # --- flush, reads, close -----------------------------------------------------------------
+
+    def flush(self) -> Deferred[None]:
+        if self._closed:
+            return fail(self._closed_error())
+        return self._flush()
+
+    def _flush(self) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        if self._buffer:
+            self._waiters.append(done)
+            self._schedule()
+        elif self._inflight is not None:
+            self._inflight.waiters.append(done)
+        else:
+            done.callback(None)
+        return done
+
+    def load(self) -> list[SyncRecord]:
+        if self._closed:
+            raise self._closed_error()
+        if self._buffer or self._inflight is not None:
+            raise StoreError(
+                f"sync store {self.path}: load() reads the file at startup, before any write; "
+                "use records() once writing has begun"
+            )
+        try:
+            return _read(self._conn, None)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read sync store {self.path}: {e}") from e
+
+    def records(self, node_id: str | None = None) -> Deferred[list[SyncRecord]]:
+        if self._closed:
+            return fail(self._closed_error())
+
+        def read(_: None) -> Deferred[list[SyncRecord]]:
+            # Queued behind the commit in the one writer thread, so it sees that commit.
+            return deferToThreadPool(
+                self._reactor, self._running_pool(), _read, self._conn, node_id
+            )
+
+        return self._flush().addCallback(read)
+
+    def close(self) -> Deferred[None]:
+        observer: Deferred[None] = Deferred()
+        if self._close_done:
+            _fire(observer, self._close_result)
+            return observer
+        self._close_observers.append(observer)
+        if not self._closed:
+            self._closed = True
+            flushed = self._flush()
+            if self._scheduled is not None and self._inflight is None:
+                self._start_batch()  # now, not after a retry delay
+            flushed.addBoth(self._release)
+        return observer
+
+    def _close_at_shutdown(self) -> Deferred[None]:
+        self._shutdown_trigger = None  # firing: it must not be removed
+        return self.close()
+
+    def _release(self, result: Any) -> None:
+        """Close the connection in the writer thread (after any queued read), stop the pool."""
+        if isinstance(result, Failure):
+            log.error(
+                "sync store {path} closed with {count} changes not written: {error}",
+                path=self.path,
+                count=len(self._buffer),
+                error=result.value,
+            )
+            self._buffer = {}
+
+        def finish(outcome: Any) -> None:
+            if isinstance(outcome, Failure):
+                log.failure(
+                    "sync store {path}: closing the database failed", outcome, path=self.path
+                )
+            if self._pool_running:
+                self._pool.stop()
+                self._pool_running = False
+            if self._shutdown_trigger is not None:
+                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+                self._shutdown_trigger = None
+            self._close_done = True
+            self._close_result = result
+            observers, self._close_observers = self._close_observers, []
+            for observer in observers:
+                _fire(observer, result)
+
+        if self._pool_running:
+            deferToThreadPool(self._reactor, self._pool, self._conn.close).addBoth(finish)
+        else:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                finish(Failure())
+            else:
+                finish(None)
+
+    def _closed_error(self) -> StoreClosed:
+        return StoreClosed(f"sync store {self.path} is closed")
+
+
+def _fire(waiter: Deferred[None], result: Failure | None) -> None:
+    if isinstance(result, Failure):
+        waiter.errback(result)
+    else:
+        waiter.callback(None)
