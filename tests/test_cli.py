@@ -9,7 +9,8 @@ import subprocess
 import sys
 from contextlib import redirect_stdout
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cloudhub import cli
 from cloudhub.certs.authority import CertificateAuthority
@@ -57,3 +58,42 @@ class TokenCommandTests(SynchronousTestCase):
         with redirect_stdout(stdout):
             self.assertEqual(cli.main(["token", "--config", path]), 1)
         self.assertEqual(stdout.getvalue(), "")
+
+
+class SyncCommandTests(TestCase):
+    config_file = TokenCommandTests.config_file
+
+    @inlineCallbacks
+    def test_lists_pending_and_acked_objects(self):
+        from twisted.internet import reactor
+
+        from cloudhub.store import SQLiteSyncStore
+
+        from .fakes import pod_message
+
+        path = self.config_file()
+        config = load_config(path)
+        os.makedirs(config.hub.data_dir, exist_ok=True)
+        store = SQLiteSyncStore(config.store_path, reactor)
+        message = pod_message("uid-1", "7", "insert")
+        store.put_pending("edge-1", "uid-1", message, "Pod", "default", "nginx")
+        store.acknowledged("edge-1", "uid-2", 3, False)
+        store.put_pending("edge-2", "uid-3", pod_message("uid-3", "9"), "Pod", "default", "x")
+        store.note_attempt("edge-2", "uid-3", 5, "no ACK after 5 transmissions")
+        yield store.close()
+        stdout = io.StringIO()
+        with redirect_stdout(stdout):
+            self.assertEqual(cli.main(["sync", "--config", path, "--node", "edge-2"]), 0)
+        lines = stdout.getvalue().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("uid-3", lines[1])
+        self.assertIn("9", lines[1])
+        self.assertIn("no ACK after 5 transmissions", lines[1])
+        stdout = io.StringIO()
+        with redirect_stdout(stdout):
+            cli.main(["sync", "--config", path])
+        self.assertEqual(len(stdout.getvalue().splitlines()), 4)
+
+    def test_no_store_is_a_clear_error(self) -> None:
+        path = self.config_file()
+        self.assertEqual(cli.main(["sync", "--config", path]), 1)
