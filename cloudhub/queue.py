@@ -221,6 +221,9 @@ class NodeQueue:
         # records that the edge holds that version (see acknowledge()).
         new.failures = old.failures
         self.stats.superseded += 1
+        if old.transmissions == 0:
+            # Not in flight: no ACK of it can be waited for any more.
+            self.by_msg_id.pop(old.message.msg_id, None)
         for waiter in old.waiters:
             waiter.errback(
                 Superseded(self.node_id, old.uid, old.message.msg_id, new.message.msg_id)

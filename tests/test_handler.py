@@ -528,3 +528,14 @@ class DurableDeliveryTests(SynchronousTestCase):
         [record] = self.successResultOf(self.store.records("edge-1"))
         self.assertEqual(record.attempts, 5)
         self.assertIn("no ACK", record.last_error)
+
+
+class QueueBookkeepingTests(SynchronousTestCase):
+    def test_superseded_unsent_messages_leave_no_ack_index(self) -> None:
+        from cloudhub.queue import NodeQueue
+
+        queue = NodeQueue("edge-1")
+        for rv in range(1, 50):
+            queue.offer(pod_message("u1", str(rv)), want_result=False)
+        self.assertEqual(len(queue.by_msg_id), 1)
+        self.assertEqual(len(queue.pending), 1)
