@@ -144,21 +144,22 @@ class CrashTests(TestCase):
         def counting(node, message):
             received["count"] += 1
 
-        nodes = []
-        for n in range(NODES // 2):
+        def start_node(n: int, port: int, **kwargs: object) -> EdgeNode:
             node = EdgeNode(
                 reactor,
                 f"edge-{n}",
                 "127.0.0.1",
-                ws,
+                port,
                 credentials[n],
                 store=stores[n],
-                on_message=counting,
                 initial_backoff=0.2,
                 max_backoff=0.5,
+                **kwargs,
             )
             node.start().addErrback(lambda f: None)
-            nodes.append(node)
+            return node
+
+        nodes = [start_node(n, ws, on_message=counting) for n in range(NODES // 2)]
         # Kill the hub in the middle of delivery.
         yield wait_for(lambda: received["count"] >= 20, timeout=60)
         os.kill(hub.transport.pid, signal.SIGKILL)
@@ -170,21 +171,8 @@ class CrashTests(TestCase):
         # Restart on the same dataDir; every node connects.
         hub = self.spawn(config_path, "-")
         https, ws = map(int, (yield hub.line("PORTS")).split()[1:])
-        nodes = []
         for n in range(NODES):
-            node = EdgeNode(
-                reactor,
-                f"edge-{n}",
-                "127.0.0.1",
-                ws,
-                credentials[n],
-                store=stores[n],
-                initial_backoff=0.2,
-                max_backoff=0.5,
-            )
-            node.start().addErrback(lambda f: None)
-            nodes.append(node)
-            self.addCleanup(node.stop)
+            self.addCleanup(start_node(n, ws).stop)
 
         live = {f"default/pod/p{j}" for j in range(DELETED, OBJECTS)}
 
