@@ -23,6 +23,8 @@ from cloudhub.service import CloudHubService
 def main(config_path: str, plan_path: str):
     hub = CloudHubService(load_config(config_path), reactor=reactor)
     hub.startService()
+    # SIGTERM/SIGINT stop the reactor; stop the hub first, as twistd does.
+    reactor.addSystemEventTrigger("before", "shutdown", hub.stopService)
     yield hub.ready
     print(f"PORTS {hub.port('https')} {hub.port('websocket')}", flush=True)
     if plan_path != "-":

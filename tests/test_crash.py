@@ -9,7 +9,9 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from cloudhub import wire
@@ -59,7 +61,8 @@ class HubProcess(ProcessProtocol):
         self.waiting.append((prefix, waiter))
         return waiter
 
-    def processEnded(self, reason: object) -> None:
+    def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
         for _, waiter in self.waiting:
             waiter.errback(AssertionError(f"hub exited: {self.errors.decode()[-3000:]}"))
         self.waiting.clear()
@@ -90,8 +93,15 @@ class CrashTests(TestCase):
             transport.signalProcess("KILL")
         return process.ended
 
-    @inlineCallbacks
     def test_sigkill_mid_delivery_loses_nothing(self):
+        return self.interrupt_delivery(signal.SIGKILL)
+
+    def test_sigterm_mid_delivery_loses_nothing(self):
+        """A graceful stop during delivery: what is pending is delivered after the restart."""
+        return self.interrupt_delivery(signal.SIGTERM)
+
+    @inlineCallbacks
+    def interrupt_delivery(self, signum: int):
         base = os.path.abspath(self.mktemp())
         listen = {"address": "127.0.0.1", "port": 0}
         config = make_config(base, https=listen, websocket=listen)
@@ -162,8 +172,11 @@ class CrashTests(TestCase):
         nodes = [start_node(n, ws, on_message=counting) for n in range(NODES // 2)]
         # Kill the hub in the middle of delivery.
         yield wait_for(lambda: received["count"] >= 20, timeout=60)
-        os.kill(hub.transport.pid, signal.SIGKILL)
+        os.kill(hub.transport.pid, signum)
         yield hub.ended
+        if signum == signal.SIGTERM:
+            # A clean stop, not a death by signal.
+            self.assertIsInstance(hub.reason.value, ProcessDone, hub.errors.decode()[-2000:])
         delivered_before = received["count"]
         for node in nodes:
             yield node.stop()
