@@ -18,7 +18,7 @@ $(VENV)/.installed: $(BIN)/python setup.py
 venv: $(VENV)/.installed
 
 run: venv
-	exec $(BIN)/twistd -n cloudhub --config $(CONFIG)
+	exec $(BIN)/twistd -n --logger cloudhub.logs.observer cloudhub --config $(CONFIG)
 
 test: venv
 	$(BIN)/python -m twisted.trial $(TRIALFLAGS) $(TESTS)

@@ -17,6 +17,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cloudhub.api import ApiService, api_listener, api_site
 from cloudhub.certs.authority import CertificateAuthority
 from cloudhub.certs.tls import server_tls_options
 from cloudhub.certs.token import TokenIssuer
@@ -25,6 +26,7 @@ from cloudhub.config import HubConfig
 from cloudhub.handler import MessageHandle
 from cloudhub.interfaces import CLOSE_GOING_AWAY
 from cloudhub.listening import ListeningService
+from cloudhub.metrics import HubMetrics
 from cloudhub.store import open_store
 from cloudhub.upstream import Upstream
 
@@ -79,6 +81,10 @@ class CloudHubService(MultiService):
         self.https = ListeningService("https", https, self.certificate_site)
         self.https.setServiceParent(self)
 
+        self.metrics: HubMetrics | None = None
+        if config.hub.metrics.enable:
+            self.metrics = HubMetrics(self.handle, self.certificate_site.counters)
+
         self.websocket: ListeningService | None = None
         if hub.websocket.enable:
             from cloudhub.transport.websocket import websocket_listener
@@ -86,14 +92,32 @@ class CloudHubService(MultiService):
             self.websocket = websocket_listener(config, self.authority, self.handle, reactor)
             self.websocket.setServiceParent(self)
 
+        # Added last, stopped first: no API write is accepted once the hub stops.
+        self.api: ApiService | None = None
+        if config.hub.api.enable:
+            site = api_site(
+                self.upstream,
+                self.store,
+                reactor,
+                max_body=config.hub.max_message_size,
+                token=config.hub.api.token,
+                metrics_resource=self.metrics.resource() if self.metrics is not None else None,
+                accepting=lambda: bool(self.running),
+            )
+            self.api = api_listener(config, site, reactor)
+            self.api.setServiceParent(self)
+
     def listeners(self) -> list[ListeningService]:
         return [s for s in self if isinstance(s, ListeningService)]
 
     def startService(self) -> None:
+        settings = self.config.as_dict()
+        if settings["hub"]["api"]["token"]:
+            settings["hub"]["api"]["token"] = "<redacted>"
         log.info(
             "cloudhub starting with {path}: {settings}",
             path=self.config.path,
-            settings=json.dumps(self.config.as_dict(), sort_keys=True),
+            settings=json.dumps(settings, sort_keys=True),
         )
         super().startService()
         self.reactor.callWhenRunning(self._await_listeners)

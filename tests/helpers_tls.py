@@ -59,7 +59,8 @@ def make_config(base: str, **cloudhub: Any) -> HubConfig:
         "tlsPrivateKeyFile": os.path.join(etc, "certs", "server.key"),
         **cloudhub,
     }
-    return parse_config({"cloudHub": settings, "hub": {"dataDir": os.path.join(base, "data")}})
+    hub = {"dataDir": os.path.join(base, "data"), "api": {"address": "127.0.0.1", "port": 0}}
+    return parse_config({"cloudHub": settings, "hub": hub})
 
 
 def csr_for(key: ec.EllipticCurvePrivateKey, subject: x509.Name | None = None) -> bytes:

@@ -116,6 +116,10 @@ class BoundedRequest(Request):
             return
         super().requestReceived(command, path, version)
 
+    def _too_large_answer(self) -> tuple[bytes, bytes]:
+        """Content type and body of the 413 answer (the API answers JSON)."""
+        return TEXT, b"request body too large (limit %d bytes)" % (self._limit,)
+
     def _reject(self, why: str) -> None:
         """Answer 413 on the raw transport: the request is not complete, so no Request API."""
         self._rejected = True
@@ -132,10 +136,10 @@ class BoundedRequest(Request):
             why=why,
             limit=self._limit,
         )
-        body = b"request body too large (limit %d bytes)" % (self._limit,)
+        content_type, body = self._too_large_answer()
         head = [
             b"HTTP/1.1 413 Request Entity Too Large",
-            b"Content-Type: " + TEXT,
+            b"Content-Type: " + content_type,
             b"Content-Length: %d" % (len(body),),
             b"Connection: close",
         ]

@@ -1,0 +1,1450 @@
+"""The HTTP API: :class:`cloudhub.upstream.Upstream` as JSON for applications in any language.
+
+Served with twisted.web on ``hub.api`` (127.0.0.1:10350 by default):
+
+=================================== ================================================================
+``POST /v1/nodes/{node}/messages``  queue a message (the wire JSON of protocol §1.1) for a node,
+                                    connected or not; 202 once durable, or with ``?wait=ack``
+                                    200 once the edge acknowledges (504 after ``timeout``)
+``GET  /v1/nodes``                  the connected nodes
+``GET  /v1/nodes/{node}/objects``   what the sync store keeps for a node, per object
+``GET  /v1/events``                 Server-Sent Events: what edges send up, nodes coming and going
+``GET  /openapi.json``              this API as an OpenAPI 3 document
+``GET  /metrics``                   Prometheus metrics (:mod:`cloudhub.metrics`), when given
+=================================== ================================================================
+
+Every answer but the event stream and the metrics is JSON; errors are ``{"error": "..."}``
+with the status that says what went wrong: 400 bad message or parameter, 401 no or wrong
+bearer token (when one is configured; every path needs it), 404, 405, 409 a stale version (or
+a message superseded while waiting for its ACK), 410 a no-ACK message dropped while waiting,
+413 a body over ``hub.maxMessageSize`` (refused before it is read), 503 the sync store failed
+or the hub is shutting down, 504 no ACK in time (the message stays queued). An unexpected
+exception is logged and answered with a bare 500, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote_to_bytes
+
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from cloudhub import model, wire
+from cloudhub.certs.web import BoundedRequest
+from cloudhub.config import HubConfig
+from cloudhub.errors import (
+    DecodeError,
+    DeliveryStopped,
+    InvalidMessage,
+    MessageRefused,
+    StaleMessage,
+    Superseded,
+)
+from cloudhub.handler import NodeEvent
+from cloudhub.listening import ListeningService
+from cloudhub.model import Message
+from cloudhub.queue import is_ack_mode
+from cloudhub.store.interfaces import ISyncStore, StoreError, SyncRecord
+from cloudhub.upstream import Upstream
+
+__all__ = [
+    "DEFAULT_ACK_TIMEOUT",
+    "HEARTBEAT_INTERVAL",
+    "MAX_ACK_TIMEOUT",
+    "STREAM_BUFFER",
+    "ApiService",
+    "ApiSite",
+    "api_listener",
+    "api_site",
+    "openapi_document",
+]
+
+log = Logger()
+
+MIB = 1024 * 1024
+DEFAULT_ACK_TIMEOUT = 30.0  # seconds ?wait=ack waits when no timeout is given
+MAX_ACK_TIMEOUT = 3600.0
+HEARTBEAT_INTERVAL = 15.0  # SSE comment line so proxies keep an idle stream open
+# Most bytes of events held for one event-stream client whose connection does not keep up
+# (on top of the transport's own 64 KiB); past it the client is dropped.
+STREAM_BUFFER = 16 * MIB
+CLOSE_TIMEOUT = 5.0  # seconds open API connections get to close at shutdown before abort
+
+JSON_TYPE = b"application/json"
+EVENT_STREAM_TYPE = b"text/event-stream; charset=utf-8"
+HEARTBEAT = b": keepalive\n\n"  # an SSE comment: clients ignore it
+
+
+# --- replies and errors ----------------------------------------------------------------------
+
+
+@dataclass
+class _Reply:
+    code: int
+    body: dict[str, Any]
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+
+
+class ApiError(Exception):
+    """An answer other than success: ``{"error": message, **extra}`` with ``code``."""
+
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        headers: dict[bytes, bytes] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra
+
+    def reply(self) -> _Reply:
+        return _Reply(self.code, {"error": self.message, **self.extra}, self.headers)
+
+
+class _ClientGone(Exception):
+    """The client went away before the answer was ready; nothing is written."""
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _refusal(error: MessageRefused) -> ApiError:
+    """The answer to a message the hub did not take (protocol §6.3 rules, cloudhub.queue)."""
+    if isinstance(error, StaleMessage):
+        return ApiError(
+            http.CONFLICT,
+            str(error),
+            reason="stale",
+            uid=error.uid,
+            resource_version=error.resource_version,
+            acked=error.acked,
+            pending=error.pending,
+        )
+    return ApiError(http.BAD_REQUEST, str(error), reason="invalid")
+
+
+# --- the message in a request body -----------------------------------------------------------
+
+_ROUTE_REQUIRED = ("group", "operation", "resource")
+_ROUTE_OPTIONAL = ("source", "destination")
+
+
+def _string(part: dict[str, Any], where: str, key: str, required: bool = False) -> str:
+    value = part.get(key)
+    if value is None or value == "":
+        if required:
+            raise ApiError(http.BAD_REQUEST, f"{where}.{key} is required (a non-empty string)")
+        return ""
+    if not isinstance(value, str):
+        raise ApiError(http.BAD_REQUEST, f"{where}.{key} must be a string")
+    return value
+
+
+def parse_message(body: bytes) -> Message:
+    """A :class:`Message` from a request body in the wire JSON of protocol §1.1.
+
+    ``route.group``, ``route.operation``, ``route.resource`` and ``content`` (which may be
+    ``null``) are required; ``header`` is optional and its ``msg_id`` and ``timestamp`` are
+    filled in when missing. Raises :class:`ApiError` (400) naming the problem.
+    """
+    if not body.strip():
+        raise ApiError(http.BAD_REQUEST, "request body is empty: expected a message (JSON)")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(http.BAD_REQUEST, f"request body is not UTF-8 (byte {e.start})") from None
+    try:
+        document = wire.unmarshal_value(text)
+    except DecodeError as e:
+        raise ApiError(http.BAD_REQUEST, f"request body is {e}") from None
+    if not isinstance(document, dict):
+        raise ApiError(http.BAD_REQUEST, "request body must be a JSON object (a message)")
+    header = document.get("header")
+    if header is None:
+        header = {}
+    elif not isinstance(header, dict):
+        raise ApiError(http.BAD_REQUEST, "header must be an object")
+    route = document.get("route")
+    if route is None:
+        raise ApiError(http.BAD_REQUEST, "route is required (an object)")
+    if not isinstance(route, dict):
+        raise ApiError(http.BAD_REQUEST, "route must be an object")
+    if "content" not in document:
+        raise ApiError(http.BAD_REQUEST, "content is required (any JSON value, null included)")
+
+    timestamp = header.get("timestamp")
+    if timestamp is None:
+        timestamp = model.now_ms()
+    elif isinstance(timestamp, bool) or not isinstance(timestamp, int):
+        raise ApiError(http.BAD_REQUEST, "header.timestamp must be an integer (milliseconds)")
+    elif not -(2**63) <= timestamp < 2**63:
+        raise ApiError(http.BAD_REQUEST, "header.timestamp does not fit in int64")
+    sync = header.get("sync")
+    if sync is not None and not isinstance(sync, bool):
+        raise ApiError(http.BAD_REQUEST, "header.sync must be a boolean")
+    values = {key: _string(route, "route", key, required=True) for key in _ROUTE_REQUIRED}
+    values.update({key: _string(route, "route", key) for key in _ROUTE_OPTIONAL})
+    return Message(
+        msg_id=_string(header, "header", "msg_id") or model.new_msg_id(),
+        timestamp=timestamp,
+        parent_msg_id=_string(header, "header", "parent_msg_id"),
+        resource_version=_string(header, "header", "resourceversion"),
+        sync=False,  # every transport write clears it (§2.4)
+        type=_string(header, "header", "type"),
+        content=document["content"],
+        **values,
+    )
+
+
+# --- watching a send() without cancelling it -------------------------------------------------
+
+_PENDING: Any = object()
+
+
+class _Delivery:
+    """The outcome of one ``upstream.send()``, for any number of waiters.
+
+    Cancelling a waiter stops that waiting only; the send Deferred is never cancelled (the
+    message stays queued). A failure nobody waits for (after a 202) is logged, not lost.
+    """
+
+    def __init__(self, sent: Deferred[Message], node_id: str, msg_id: str) -> None:
+        self.node_id = node_id
+        self.msg_id = msg_id
+        self.result: Any = _PENDING
+        self._waiters: list[Deferred[Message]] = []
+        self._watching = False  # refusals at once are answered, not logged
+        sent.addBoth(self._done)
+        self._watching = True
+
+    @property
+    def refused_at_once(self) -> Failure | None:
+        result = self.result
+        return result if isinstance(result, Failure) else None
+
+    def _done(self, result: Any) -> None:
+        self.result = result
+        waiters, self._waiters = self._waiters, []
+        if isinstance(result, Failure) and not waiters and self._watching:
+            log.info(
+                "message {msg_id} for node {node} not delivered: {why}",
+                msg_id=self.msg_id,
+                node=self.node_id,
+                why=result.getErrorMessage(),
+            )
+        for waiter in waiters:
+            if waiter.called:
+                continue
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    def wait(self) -> Deferred[Message]:
+        if self.result is not _PENDING:
+            return fail(self.result) if isinstance(self.result, Failure) else succeed(self.result)
+        waiter: Deferred[Message] = Deferred(lambda d: self._forget(d))
+        self._waiters.append(waiter)
+        return waiter
+
+    def _forget(self, waiter: Deferred[Message]) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
+
+# --- the event stream ------------------------------------------------------------------------
+
+
+def _message_event(node_id: str, message: Message) -> bytes:
+    # wire.encode is the message's JSON as edgecore sees it: one line, "\n" at the end.
+    data = b'{"node_id":%s,"message":%s}' % (_json_bytes(node_id), wire.encode(message).rstrip())
+    return b"event: message\ndata: " + data + b"\n\n"
+
+
+def _node_event(event: NodeEvent) -> bytes:
+    data = _json_bytes(
+        {
+            "node_id": event.node_id,
+            "event": event.event,
+            "transport": event.transport,
+            "timestamp": event.timestamp,
+            "reason": event.reason,
+        }
+    )
+    return b"event: node\ndata: " + data + b"\n\n"
+
+
+@implementer(IPushProducer)
+class _EventStream:
+    """One ``GET /v1/events`` client: subscribed while connected, bounded when slow.
+
+    Registered as the request's push producer, so the HTTP channel tells it when the
+    connection's send buffer is full (pause) and drained (resume). While paused, events wait
+    here, up to ``limit`` bytes; a client that falls further behind is dropped, so one slow
+    reader never grows the hub's memory without bound.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        reactor: IReactorTime,
+        limit: int,
+        heartbeat: float,
+        nodes: frozenset[str],
+        groups: frozenset[str],
+        on_end: Callable[[_EventStream], object],
+    ) -> None:
+        self.request = request
+        self.reactor = reactor
+        self.limit = limit
+        self.heartbeat = heartbeat
+        self.nodes = nodes
+        self.groups = groups
+        self.on_end = on_end
+        self.peer = _peer(request)
+        self.ended = False
+        self._paused = False
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._unsubscribe: list[Callable[[], object]] = []
+        self._loop: LoopingCall | None = None
+
+    def start(self, upstream: Upstream) -> None:
+        group = next(iter(self.groups)) if len(self.groups) == 1 else None
+        self._unsubscribe = [
+            upstream.subscribe(self._on_message, group),
+            upstream.subscribe_events(self._on_node_event),
+        ]
+        self.request.registerProducer(self, True)
+        self.request.notifyFinish().addBoth(self._finished)
+        self._write(b": cloudhub events\n\n")  # the headers go out now, not at the first event
+        loop = LoopingCall(self._write, HEARTBEAT)
+        loop.clock = self.reactor
+        loop.start(self.heartbeat, now=False).addErrback(
+            lambda f: log.failure("event stream heartbeat to {peer} failed", f, peer=self.peer)
+        )
+        self._loop = loop
+        log.info(
+            "event stream opened for {peer} (nodes {nodes}, groups {groups})",
+            peer=self.peer,
+            nodes=sorted(self.nodes) or "all",
+            groups=sorted(self.groups) or "all",
+        )
+
+    # -- what is published --
+
+    def _on_message(self, node_id: str, message: Message) -> None:
+        if self.nodes and node_id not in self.nodes:
+            return
+        if self.groups and message.group not in self.groups:
+            return
+        try:
+            data = _message_event(node_id, message)
+        except (TypeError, ValueError):
+            log.failure(
+                "message {msg_id} from node {node} cannot be encoded for the event stream",
+                msg_id=message.msg_id,
+                node=node_id,
+            )
+            return
+        self._write(data)
+
+    def _on_node_event(self, event: NodeEvent) -> None:
+        if self.nodes and event.node_id not in self.nodes:
+            return
+        self._write(_node_event(event))
+
+    def _write(self, data: bytes) -> None:
+        if self.ended:
+            return
+        if self._paused or self._queue:
+            self._queue.append(data)
+            self._queued += len(data)
+            if self._queued > self.limit:
+                self._drop()
+            return
+        self.request.write(data)
+
+    # -- IPushProducer (called by the HTTP channel) --
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        queue = self._queue
+        # Each write may pause us again (the channel calls pauseProducing synchronously).
+        while queue and not self._paused and not self.ended:
+            data = queue.popleft()
+            self._queued -= len(data)
+            self.request.write(data)
+
+    def stopProducing(self) -> None:
+        self._end()
+
+    # -- the end --
+
+    def _drop(self) -> None:
+        log.warn(
+            "event stream client {peer} dropped: more than {limit} bytes of events waiting "
+            "for a connection that does not keep up",
+            peer=self.peer,
+            limit=self.limit,
+        )
+        self._end()
+        transport = self.request.transport
+        if transport is not None:
+            abort = getattr(transport, "abortConnection", None)
+            (abort or transport.loseConnection)()
+
+    def _finished(self, result: object) -> None:
+        """The response finished, or the connection was lost (the client went away)."""
+        if not self.ended:
+            log.info("event stream client {peer} went away", peer=self.peer)
+        self._end()
+
+    def _end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self._queue.clear()
+        self._queued = 0
+        self.on_end(self)
+
+    def close(self) -> None:
+        """End the stream cleanly (hub shutdown): the client sees the response end."""
+        if self.ended:
+            return
+        self._end()
+        request = self.request
+        request.unregisterProducer()
+        request.finish()
+
+
+# --- the resource tree -----------------------------------------------------------------------
+
+Handler = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One path template (``{name}`` segments are parameters) and its handlers by method."""
+
+    template: str
+    methods: dict[str, Handler]
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(self.template.strip("/").split("/"))
+
+    def match(self, segments: list[str]) -> dict[str, str] | None:
+        mine = self.segments
+        if len(mine) != len(segments):
+            return None
+        params: dict[str, str] = {}
+        for pattern, segment in zip(mine, segments, strict=True):
+            if pattern.startswith("{"):
+                if not segment:
+                    return None
+                params[pattern[1:-1]] = segment
+            elif pattern != segment:
+                return None
+        return params
+
+
+def _peer(request: Request) -> str:
+    address = request.getClientAddress()
+    return str(getattr(address, "host", address))
+
+
+def _path_segments(request: Request) -> list[str]:
+    try:
+        return [unquote_to_bytes(part).decode("utf-8") for part in request.path.split(b"/")[1:]]
+    except UnicodeDecodeError:
+        raise ApiError(http.NOT_FOUND, "no such path (not UTF-8)") from None
+
+
+def _query(request: Request, name: str) -> list[str]:
+    # From the URI only: twisted.web also puts form-encoded POST bodies in request.args.
+    _, _, query = request.uri.partition(b"?")
+    values = parse_qs(query, keep_blank_values=True).get(name.encode("ascii"), [])
+    try:
+        return [value.decode("utf-8") for value in values]
+    except UnicodeDecodeError:
+        raise ApiError(http.BAD_REQUEST, f"query parameter {name} is not UTF-8") from None
+
+
+def _query_one(request: Request, name: str) -> str | None:
+    values = _query(request, name)
+    if len(values) > 1:
+        raise ApiError(http.BAD_REQUEST, f"query parameter {name} given more than once")
+    return values[0] if values else None
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _record_json(record: SyncRecord) -> dict[str, Any]:
+    pending = record.pending
+    resource = record.resource or (pending.resource if pending is not None else "")
+    return {
+        "resource": resource,
+        "uid": record.uid,
+        "kind": record.kind,
+        "namespace": None if record.namespace == model.NULL_NAMESPACE else record.namespace,
+        "name": record.name,
+        "acked_version": None if record.acked_version is None else str(record.acked_version),
+        "pending_version": (pending.resource_version or None) if pending is not None else None,
+        "pending_operation": pending.operation if pending is not None else None,
+        "pending_msg_id": pending.msg_id if pending is not None else None,
+        "attempts": record.attempts,
+        "last_error": record.last_error or None,
+    }
+
+
+class ApiResource(Resource):
+    """The whole API as one leaf: routing, auth and error answers in one place."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        store: ISyncStore,
+        reactor: IReactorTime,
+        *,
+        token: str = "",
+        metrics_resource: IResource | None = None,
+        accepting: Callable[[], bool] = lambda: True,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        stream_buffer: int = STREAM_BUFFER,
+    ) -> None:
+        super().__init__()
+        self.upstream = upstream
+        self.store = store
+        self.reactor = reactor
+        self._token = token.encode("utf-8")
+        self.metrics_resource = metrics_resource
+        self.accepting = accepting
+        self.heartbeat_interval = heartbeat_interval
+        self.stream_buffer = stream_buffer
+        self.streams: set[_EventStream] = set()
+        # Requests waiting for an ACK: called with the answer to give at shutdown.
+        self._waiting: set[Callable[[ApiError], None]] = set()
+        self.routes = [
+            Route("/v1/nodes/{node}/messages", {"POST": self._post_message}),
+            Route("/v1/nodes", {"GET": self._get_nodes}),
+            Route("/v1/nodes/{node}/objects", {"GET": self._get_objects}),
+            Route("/v1/events", {"GET": self._get_events}),
+            Route("/openapi.json", {"GET": self._get_openapi}),
+        ]
+        if metrics_resource is not None:
+            self.routes.append(Route("/metrics", {"GET": self._get_metrics}))
+        self._openapi = _json_bytes(
+            openapi_document(token_required=bool(token), metrics=metrics_resource is not None)
+        )
+
+    # -- dispatch --
+
+    def render(self, request: Request) -> bytes | int:
+        finished: list[bool] = []
+        try:
+            self._authorize(request)
+            outcome = self._dispatch(request)
+        except ApiError as e:
+            return self._render_reply(request, e.reply())
+        except Exception:
+            log.failure(
+                "unexpected error serving {method} {uri} for {peer}",
+                method=request.method.decode("ascii", "replace"),
+                uri=request.uri.decode("ascii", "replace"),
+                peer=_peer(request),
+            )
+            return self._render_reply(request, _internal_error())
+        if isinstance(outcome, _Reply):
+            return self._render_reply(request, outcome)
+        if isinstance(outcome, Deferred):
+            request.notifyFinish().addBoth(lambda _: finished.append(True))
+            outcome.addErrback(self._failed, request)
+            outcome.addCallback(self._write_later, request, finished)
+            outcome.addErrback(
+                lambda f: log.failure("writing the answer to {uri} failed", f, uri=request.uri)
+            )
+            return NOT_DONE_YET
+        return outcome  # type: ignore[no-any-return]  # bytes or NOT_DONE_YET: done by the handler
+
+    def _authorize(self, request: Request) -> None:
+        if not self._token:
+            return
+        values = request.requestHeaders.getRawHeaders(b"authorization") or []
+        presented = b""
+        if len(values) == 1:
+            scheme, _, credentials = values[0].partition(b" ")
+            if scheme.lower() == b"bearer":
+                presented = credentials.strip()
+        if presented and hmac.compare_digest(presented, self._token):
+            return
+        challenge = b'Bearer realm="cloudhub"'
+        if values:
+            challenge += b', error="invalid_token"'
+            log.warn(
+                "API request from {peer} refused: wrong or malformed bearer token",
+                peer=_peer(request),
+            )
+        raise ApiError(
+            http.UNAUTHORIZED,
+            "a valid bearer token is required (Authorization: Bearer <hub.api.token>)",
+            headers={b"WWW-Authenticate": challenge},
+        )
+
+    def _dispatch(self, request: Request) -> Any:
+        segments = _path_segments(request)
+        method = request.method.decode("ascii", "replace")
+        for route in self.routes:
+            params = route.match(segments)
+            if params is None:
+                continue
+            handler = route.methods.get(method)
+            if handler is None:
+                allowed = ", ".join(sorted(route.methods)).encode("ascii")
+                raise ApiError(
+                    http.NOT_ALLOWED,
+                    f"method {method} not allowed on {route.template}",
+                    headers={b"Allow": allowed},
+                )
+            return handler(request, **params)
+        raise ApiError(http.NOT_FOUND, "no such path (see /openapi.json)")
+
+    # -- answering --
+
+    def _render_reply(self, request: Request, reply: _Reply) -> bytes:
+        body = _json_bytes(reply.body)
+        request.setResponseCode(reply.code)
+        request.setHeader(b"Content-Type", JSON_TYPE)
+        request.setHeader(b"Cache-Control", b"no-store")
+        for name, value in reply.headers.items():
+            request.setHeader(name, value)
+        return body
+
+    def _write_later(self, reply: _Reply | None, request: Request, finished: list[bool]) -> None:
+        if reply is None or finished:
+            return  # the client went away
+        body = self._render_reply(request, reply)
+        request.setHeader(b"Content-Length", b"%d" % (len(body),))
+        request.write(body)
+        request.finish()
+
+    def _failed(self, failure: Failure, request: Request) -> _Reply | None:
+        if failure.check(ApiError):
+            return failure.value.reply()  # type: ignore[union-attr,no-any-return]
+        if failure.check(_ClientGone):
+            return None
+        log.failure(
+            "unexpected error serving {method} {uri} for {peer}",
+            failure,
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("ascii", "replace"),
+            peer=_peer(request),
+        )
+        return _internal_error()
+
+    def close_all(self) -> None:
+        """Hub shutdown: end every event stream, answer every ACK wait 503."""
+        for stream in list(self.streams):
+            stream.close()
+        for answer in list(self._waiting):
+            answer(ApiError(http.SERVICE_UNAVAILABLE, "hub shutting down"))
+
+    # -- POST /v1/nodes/{node}/messages --
+
+    def _post_message(self, request: Request, node: str) -> _Reply | Deferred[_Reply]:
+        if not self.accepting():
+            raise ApiError(http.SERVICE_UNAVAILABLE, "hub shutting down")
+        wait = _query_one(request, "wait")
+        timeout_text = _query_one(request, "timeout")
+        if wait not in (None, "ack"):
+            raise ApiError(http.BAD_REQUEST, f"wait must be ack, not {wait!r}")
+        timeout = DEFAULT_ACK_TIMEOUT
+        if timeout_text is not None:
+            if wait is None:
+                raise ApiError(http.BAD_REQUEST, "timeout is only meaningful with wait=ack")
+            try:
+                timeout = float(timeout_text)
+            except ValueError:
+                timeout = math.nan
+            if not 0 < timeout <= MAX_ACK_TIMEOUT:
+                raise ApiError(
+                    http.BAD_REQUEST,
+                    f"timeout must be a number of seconds above 0 and at most "
+                    f"{MAX_ACK_TIMEOUT:g}, not {timeout_text!r}",
+                )
+        content = request.content
+        message = parse_message(content.read() if content is not None else b"")
+        ack_mode = is_ack_mode(message.copy(resource=model.trim_resource(message.resource)))
+        try:
+            sent = self.upstream.send(node, message)
+        except MessageRefused as e:
+            raise _refusal(e) from None
+        except StoreError as e:
+            raise ApiError(http.SERVICE_UNAVAILABLE, f"sync store unavailable: {e}") from None
+        delivery = _Delivery(sent, node, message.msg_id)
+        refused = delivery.refused_at_once
+        if refused is not None:
+            if refused.check(MessageRefused):
+                raise _refusal(refused.value)  # type: ignore[arg-type]
+            if refused.check(StoreError):
+                raise ApiError(http.SERVICE_UNAVAILABLE, f"sync store unavailable: {refused.value}")
+            refused.raiseException()
+        accepted = {"msg_id": message.msg_id, "ack_mode": ack_mode}
+        flushed = self.upstream.flush()
+        if wait is None:
+            return flushed.addCallbacks(
+                lambda _: self._accepted(node, message, _Reply(http.ACCEPTED, accepted)),
+                self._flush_failed,
+            )
+        return self._await_delivery(request, delivery, flushed, timeout, ack_mode)
+
+    def _accepted(self, node: str, message: Message, reply: _Reply) -> _Reply:
+        log.debug(
+            "API: message {msg_id} ({operation} {resource}) accepted for node {node}",
+            msg_id=message.msg_id,
+            operation=message.operation,
+            resource=message.resource,
+            node=node,
+        )
+        return reply
+
+    @staticmethod
+    def _flush_failed(failure: Failure) -> _Reply:
+        log.error("sync store flush failed: {why}", why=failure.getErrorMessage())
+        raise ApiError(
+            http.SERVICE_UNAVAILABLE,
+            f"the sync store could not store the message: {failure.getErrorMessage()}",
+        )
+
+    def _await_delivery(
+        self,
+        request: Request,
+        delivery: _Delivery,
+        flushed: Deferred[None],
+        timeout: float,
+        ack_mode: bool,
+    ) -> Deferred[_Reply]:
+        """Race: durable, then acknowledged (or written, for no-ACK) vs. the timer vs. the
+        client going away vs. shutdown. Whatever loses only stops waiting; the message stays
+        queued."""
+        result: Deferred[_Reply] = Deferred()
+        waiter: Deferred[Message] | None = None
+        msg_id = delivery.msg_id
+
+        def settle(outcome: _Reply | Exception | Failure) -> None:
+            if result.called:
+                return
+            if isinstance(outcome, _Reply):
+                result.callback(outcome)
+            else:
+                result.errback(outcome if isinstance(outcome, Failure) else Failure(outcome))
+            # Only the waiting stops: the send Deferred is never cancelled.
+            if timer.active():
+                timer.cancel()
+            self._waiting.discard(settle)
+            if waiter is not None and not waiter.called:
+                waiter.cancel()
+
+        def durable(_: object) -> None:
+            nonlocal waiter
+            if result.called:
+                return
+            waiter = delivery.wait()
+            waiter.addCallbacks(delivered, undelivered)
+
+        def delivered(_: Message) -> None:
+            body = {"msg_id": msg_id, "acked": ack_mode}
+            if not ack_mode:
+                body["written"] = True
+            settle(_Reply(http.OK, body))
+
+        def undelivered(failure: Failure) -> None:
+            if not result.called:  # else: our own cancel
+                settle(_late_failure(failure, msg_id))
+
+        def not_durable(failure: Failure) -> None:
+            try:
+                self._flush_failed(failure)
+            except ApiError as e:
+                settle(e)
+
+        def timed_out() -> None:
+            settle(
+                ApiError(
+                    http.GATEWAY_TIMEOUT,
+                    f"no acknowledgement within {timeout:g} s; the message stays queued",
+                    msg_id=msg_id,
+                )
+            )
+
+        timer = self.reactor.callLater(timeout, timed_out)  # type: ignore[attr-defined]
+        self._waiting.add(settle)
+        flushed.addCallbacks(durable, not_durable)
+        request.notifyFinish().addErrback(lambda _: settle(_ClientGone()))
+        return result
+
+    # -- GET --
+
+    def _get_nodes(self, request: Request) -> _Reply:
+        nodes = sorted(self.upstream.nodes(), key=lambda info: info.node_id)
+        return _Reply(
+            http.OK,
+            {
+                "nodes": [
+                    {
+                        "node_id": info.node_id,
+                        "project_id": info.project_id,
+                        "transport": info.transport,
+                        "peer": info.peer,
+                        "connected_at": _seconds(info.connected_at),
+                        "last_keepalive": _seconds(info.last_keepalive),
+                        "pending": info.pending,
+                    }
+                    for info in nodes
+                ]
+            },
+        )
+
+    def _get_objects(self, request: Request, node: str) -> Deferred[_Reply]:
+        def listed(records: list[SyncRecord]) -> _Reply:
+            return _Reply(http.OK, {"objects": [_record_json(r) for r in records]})
+
+        def failed(failure: Failure) -> _Reply:
+            failure.trap(StoreError)
+            raise ApiError(
+                http.SERVICE_UNAVAILABLE, f"sync store unavailable: {failure.getErrorMessage()}"
+            )
+
+        return self.store.records(node).addCallbacks(listed, failed)
+
+    def _get_events(self, request: Request) -> int:
+        stream = _EventStream(
+            request,
+            self.reactor,
+            self.stream_buffer,
+            self.heartbeat_interval,
+            frozenset(_query(request, "node")),
+            frozenset(_query(request, "group")),
+            self.streams.discard,
+        )
+        request.setResponseCode(http.OK)
+        request.setHeader(b"Content-Type", EVENT_STREAM_TYPE)
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Accel-Buffering", b"no")  # nginx: do not buffer the stream
+        self.streams.add(stream)
+        stream.start(self.upstream)
+        return NOT_DONE_YET
+
+    def _get_openapi(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", JSON_TYPE)
+        return self._openapi
+
+    def _get_metrics(self, request: Request) -> bytes | int:
+        assert self.metrics_resource is not None
+        return self.metrics_resource.render(request)  # type: ignore[no-any-return]
+
+
+def _internal_error() -> _Reply:
+    return _Reply(http.INTERNAL_SERVER_ERROR, {"error": "internal server error"})
+
+
+def _late_failure(failure: Failure, msg_id: str) -> Exception | Failure:
+    """The answer when the message was accepted but will not be acknowledged."""
+    if failure.check(Superseded):
+        error: Superseded = failure.value  # type: ignore[assignment]
+        return ApiError(
+            http.CONFLICT,
+            str(error),
+            reason="superseded",
+            msg_id=msg_id,
+            superseded_by=error.by_msg_id,
+        )
+    if failure.check(DeliveryStopped):
+        return ApiError(http.SERVICE_UNAVAILABLE, "hub shutting down", msg_id=msg_id)
+    if failure.check(InvalidMessage):
+        # Accepted, then given up: a no-ACK message dropped from a full offline backlog.
+        return ApiError(http.GONE, str(failure.value), reason="dropped", msg_id=msg_id)
+    return failure  # unexpected: logged, 500
+
+
+# --- the site and the listener ---------------------------------------------------------------
+
+
+class ApiRequest(BoundedRequest):
+    """The certificate server's bounded request, limited to the API site's ``max_body``."""
+
+    def _body_limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return int(getattr(site, "max_body", 0)) or super()._body_limit()
+
+    def _too_large_answer(self) -> tuple[bytes, bytes]:
+        # The hook BoundedRequest._reject takes its 413 answer from (content type, body).
+        message = f"request body too large (limit {self._limit} bytes)"
+        return JSON_TYPE, _json_bytes({"error": message})
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        """A failure that escaped the resource: logged, a bare JSON 500."""
+        log.failure("unexpected error serving {uri}", reason, uri=self.uri)
+        body = _json_bytes({"error": "internal server error"})
+        self.setResponseCode(http.INTERNAL_SERVER_ERROR)
+        self.setHeader(b"Content-Type", JSON_TYPE)
+        self.setHeader(b"Content-Length", b"%d" % (len(body),))
+        self.write(body)
+        self.finish()
+        return reason
+
+
+class ApiSite(Site):
+    """The API's ``Site``; :attr:`resource` is the :class:`ApiResource`."""
+
+    resource: ApiResource
+    max_body: int
+
+    def close_all(self) -> None:
+        self.resource.close_all()
+
+
+def api_site(
+    upstream: Upstream,
+    store: ISyncStore,
+    reactor: IReactorTime,
+    *,
+    max_body: int,
+    token: str = "",
+    metrics_resource: IResource | None = None,
+    accepting: Callable[[], bool] = lambda: True,
+    heartbeat_interval: float = HEARTBEAT_INTERVAL,
+    stream_buffer: int = STREAM_BUFFER,
+) -> ApiSite:
+    """The HTTP API as a ``Site`` to listen with (plain TCP; keep it on loopback or set a token).
+
+    ``max_body`` bounds request bodies (``hub.maxMessageSize``); ``token`` (``hub.api.token``)
+    when non-empty is required as a bearer token on every path, ``/metrics`` included;
+    ``metrics_resource`` is served at ``/metrics``; ``accepting()`` False makes writes answer
+    503 (shutdown); ``reactor`` runs the ACK timeouts and stream heartbeats.
+    """
+    resource = ApiResource(
+        upstream,
+        store,
+        reactor,
+        token=token,
+        metrics_resource=metrics_resource,
+        accepting=accepting,
+        heartbeat_interval=heartbeat_interval,
+        stream_buffer=stream_buffer,
+    )
+    site = ApiSite(resource, requestFactory=ApiRequest, reactor=reactor)
+    site.displayTracebacks = False
+    site.max_body = max_body
+    return site
+
+
+class _Connections(WrappingFactory):
+    """The site, plus a record of its open connections so shutdown can close them."""
+
+    def __init__(self, site: ApiSite, reactor: IReactorTime) -> None:
+        super().__init__(site)
+        self.reactor = reactor
+        self._idle: list[Deferred[None]] = []
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
+
+    def close(self, timeout: float) -> Deferred[None]:
+        """Close every connection; those still open after ``timeout`` seconds are aborted."""
+        if not self.protocols:
+            return succeed(None)
+        closed: Deferred[None] = Deferred()
+        self._idle.append(closed)
+        for protocol in list(self.protocols):
+            protocol.transport.loseConnection()
+
+        def abort() -> None:
+            for protocol in list(self.protocols):
+                protocol.transport.abortConnection()
+
+        call = self.reactor.callLater(timeout, abort)  # type: ignore[attr-defined]
+
+        def done(result: object) -> object:
+            if call.active():
+                call.cancel()
+            return result
+
+        return closed.addBoth(done)
+
+
+class ApiService(ListeningService):
+    """The API listener. On stop: stop listening, end event streams, answer ACK waits 503,
+    close the open connections (aborting after a few seconds)."""
+
+    def __init__(self, endpoint: Any, site: ApiSite, reactor: IReactorTime) -> None:
+        self.site = site
+        self.connections = _Connections(site, reactor)
+        super().__init__("api", endpoint, self.connections)
+
+    def stopService(self) -> Deferred[None] | None:
+        stopping = super().stopService()
+        self.site.close_all()
+        closing = self.connections.close(CLOSE_TIMEOUT)
+        waits: list[Deferred[Any]] = [closing] if stopping is None else [stopping, closing]
+        return gatherResults(waits).addCallback(lambda _: None)
+
+
+def api_listener(config: HubConfig, site: ApiSite, reactor: IReactorTime) -> ApiService:
+    """The API port (``hub.api.address``/``port``) serving ``site``, as a service."""
+    settings = config.hub.api
+    endpoint_type = TCP6ServerEndpoint if ":" in settings.address else TCP4ServerEndpoint
+    endpoint = endpoint_type(reactor, settings.port, interface=settings.address)
+    return ApiService(endpoint, site, reactor)
+
+
+# --- OpenAPI ---------------------------------------------------------------------------------
+
+
+def _error_response(description: str, schema: str = "Error") -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_NODE_PARAMETER = {
+    "name": "node",
+    "in": "path",
+    "required": True,
+    "description": "The node id (edgecore's node name, the node_id header of its connection).",
+    "schema": {"type": "string", "minLength": 1},
+}
+_NULLABLE_STRING = {"type": "string", "nullable": True}
+
+
+def openapi_document(*, token_required: bool = False, metrics: bool = True) -> dict[str, Any]:
+    """This API as an OpenAPI 3.0 document (served at ``/openapi.json``)."""
+    common_errors = {
+        "404": _error_response("No such path."),
+        "405": _error_response("Method not allowed (the Allow header lists the allowed ones)."),
+        "500": _error_response("Unexpected error (logged by the hub)."),
+    }
+    if token_required:
+        common_errors["401"] = _error_response(
+            "No or wrong bearer token (WWW-Authenticate: Bearer)."
+        )
+    paths: dict[str, Any] = {
+        "/v1/nodes/{node}/messages": {
+            "post": {
+                "operationId": "sendMessage",
+                "summary": "Queue a message for a node, connected now or not",
+                "description": (
+                    "The body is a message in the WebSocket wire JSON of the KubeEdge "
+                    "protocol (§1.1). `header` is optional; `msg_id` and `timestamp` are "
+                    "filled in when missing. `route.resource` is the wire form "
+                    "`<namespace>/<type>/<name>` (or `node/<node>/...`). Messages carrying a "
+                    "Kubernetes object (`content.metadata.uid` and `header.resourceversion`) "
+                    "are delivered with acknowledgement, newest version per object; the others "
+                    "are sent once (protocol §6.3). edgecore acknowledges an `update` only "
+                    "from `route.source` edgecontroller, dynamiccontroller, devicecontroller "
+                    "or policycontroller.\n\n"
+                    "Without `wait`: 202 once the message is durably stored (it survives a "
+                    "hub crash). With `wait=ack`: 200 when the edge acknowledges it (or, for a "
+                    "message without acknowledgement, when it is written to the node), 504 "
+                    "after `timeout` seconds, the message staying queued."
+                ),
+                "parameters": [
+                    _NODE_PARAMETER,
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "required": False,
+                        "description": "`ack`: answer once the edge has the message.",
+                        "schema": {"type": "string", "enum": ["ack"]},
+                    },
+                    {
+                        "name": "timeout",
+                        "in": "query",
+                        "required": False,
+                        "description": (
+                            f"Seconds to wait with `wait=ack` (default {DEFAULT_ACK_TIMEOUT:g})."
+                        ),
+                        "schema": {
+                            "type": "number",
+                            "exclusiveMinimum": True,
+                            "minimum": 0,
+                            "maximum": MAX_ACK_TIMEOUT,
+                        },
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Message"}}
+                    },
+                },
+                "responses": {
+                    "202": _json_response(
+                        "Accepted and durably stored.",
+                        {"$ref": "#/components/schemas/Accepted"},
+                    ),
+                    "200": _json_response(
+                        "With wait=ack: acknowledged by the edge (acked true) or, for a message "
+                        "delivered without acknowledgement, written to it (acked false, "
+                        "written true).",
+                        {"$ref": "#/components/schemas/Delivered"},
+                    ),
+                    "400": _error_response(
+                        "Malformed JSON, a missing or mistyped field, a bad parameter, or a "
+                        "message the hub cannot deliver (no metadata.uid or resourceversion "
+                        "where needed; reason invalid)."
+                    ),
+                    "409": _error_response(
+                        "reason stale: the resourceVersion is not newer than what the node "
+                        "acknowledged or is owed (acked, pending). reason superseded (with "
+                        "wait=ack): a newer version or a delete replaced it before the ACK.",
+                        "Conflict",
+                    ),
+                    "410": _error_response(
+                        "With wait=ack: a message without acknowledgement was dropped from a "
+                        "full offline backlog (reason dropped)."
+                    ),
+                    "413": {"description": "The body is larger than hub.maxMessageSize."},
+                    "503": _error_response(
+                        "The sync store failed to store the message, or the hub is shutting down."
+                    ),
+                    "504": _error_response(
+                        "With wait=ack: no acknowledgement within timeout; the message stays "
+                        "queued."
+                    ),
+                    **common_errors,
+                },
+            }
+        },
+        "/v1/nodes": {
+            "get": {
+                "operationId": "listNodes",
+                "summary": "The nodes connected now",
+                "responses": {
+                    "200": _json_response(
+                        "Connected nodes.",
+                        {
+                            "type": "object",
+                            "required": ["nodes"],
+                            "properties": {
+                                "nodes": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/Node"},
+                                }
+                            },
+                        },
+                    ),
+                    **common_errors,
+                },
+            }
+        },
+        "/v1/nodes/{node}/objects": {
+            "get": {
+                "operationId": "listObjects",
+                "summary": "What the hub keeps for a node, per object (its sync records)",
+                "parameters": [_NODE_PARAMETER],
+                "responses": {
+                    "200": _json_response(
+                        "Sync records in delivery order (empty for an unknown node).",
+                        {
+                            "type": "object",
+                            "required": ["objects"],
+                            "properties": {
+                                "objects": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/Object"},
+                                }
+                            },
+                        },
+                    ),
+                    "503": _error_response("The sync store cannot be read."),
+                    **common_errors,
+                },
+            }
+        },
+        "/v1/events": {
+            "get": {
+                "operationId": "events",
+                "summary": "Server-Sent Events: messages from edges, nodes connecting",
+                "description": (
+                    '`event: message` with data `{"node_id", "message"}` (the message in '
+                    "wire JSON) for everything edges send except keepalives, ACKs and control "
+                    'messages; `event: node` with data `{"node_id", "event", "transport", '
+                    '"timestamp", "reason"}` (event `connected` or `disconnected`). A '
+                    f"comment line every {HEARTBEAT_INTERVAL:g} s keeps proxies from closing "
+                    "an idle stream. A client that reads too slowly is disconnected."
+                ),
+                "parameters": [
+                    {
+                        "name": "node",
+                        "in": "query",
+                        "required": False,
+                        "description": "Only these nodes (repeatable).",
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "style": "form",
+                        "explode": True,
+                    },
+                    {
+                        "name": "group",
+                        "in": "query",
+                        "required": False,
+                        "description": (
+                            "Only messages of these route groups (repeatable: meta, resource, "
+                            "twin, user ...); node events are not filtered by group."
+                        ),
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "style": "form",
+                        "explode": True,
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The event stream (until the client disconnects).",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **common_errors,
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "responses": {
+                    "200": _json_response("The OpenAPI document.", {"type": "object"}),
+                    **common_errors,
+                },
+            }
+        },
+    }
+    if metrics:
+        paths["/metrics"] = {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics of the hub",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format (or OpenMetrics).",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **common_errors,
+                },
+            }
+        }
+    document: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "cloudhub API",
+            "version": "1",
+            "description": (
+                "Send messages to KubeEdge edge nodes and hear from them. Errors are "
+                '`{"error": "..."}` with the status named in each operation.'
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+    if token_required:
+        document["security"] = [{"bearer": []}]
+    return document
+
+
+_SCHEMAS: dict[str, Any] = {
+    "Message": {
+        "type": "object",
+        "description": "A beehive message in the WebSocket wire JSON (protocol §1.1).",
+        "required": ["route", "content"],
+        "properties": {
+            "header": {
+                "type": "object",
+                "properties": {
+                    "msg_id": {"type": "string", "description": "Filled in (UUID) if missing."},
+                    "parent_msg_id": {
+                        "type": "string",
+                        "description": "The msg_id of the edge request this one answers.",
+                    },
+                    "timestamp": {
+                        "type": "integer",
+                        "format": "int64",
+                        "description": "Milliseconds since the epoch; filled in if missing.",
+                    },
+                    "resourceversion": {
+                        "type": "string",
+                        "description": "The object's resourceVersion (decimal integer).",
+                    },
+                    "sync": {"type": "boolean", "description": "Ignored (cleared on the wire)."},
+                    "type": {"type": "string"},
+                },
+            },
+            "route": {
+                "type": "object",
+                "required": ["group", "operation", "resource"],
+                "properties": {
+                    "source": {"type": "string", "example": "edgecontroller"},
+                    "destination": {"type": "string"},
+                    "group": {"type": "string", "minLength": 1, "example": "resource"},
+                    "operation": {"type": "string", "minLength": 1, "example": "insert"},
+                    "resource": {
+                        "type": "string",
+                        "minLength": 1,
+                        "example": "default/configmap/app",
+                    },
+                },
+            },
+            "content": {"nullable": True, "description": "Any JSON value; objects for k8s."},
+        },
+    },
+    "Accepted": {
+        "type": "object",
+        "required": ["msg_id", "ack_mode"],
+        "properties": {
+            "msg_id": {"type": "string"},
+            "ack_mode": {
+                "type": "boolean",
+                "description": "Delivered with acknowledgement (protocol §6.3).",
+            },
+        },
+    },
+    "Delivered": {
+        "type": "object",
+        "required": ["msg_id", "acked"],
+        "properties": {
+            "msg_id": {"type": "string"},
+            "acked": {"type": "boolean"},
+            "written": {"type": "boolean"},
+        },
+    },
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string"},
+            "reason": {"type": "string", "enum": ["invalid", "dropped"]},
+            "msg_id": {"type": "string"},
+        },
+    },
+    "Conflict": {
+        "type": "object",
+        "required": ["error", "reason"],
+        "properties": {
+            "error": {"type": "string"},
+            "reason": {"type": "string", "enum": ["stale", "superseded"]},
+            "uid": {"type": "string"},
+            "resource_version": {"type": "string"},
+            "acked": {
+                **_NULLABLE_STRING,
+                "description": "The version the node acknowledged last.",
+            },
+            "pending": {
+                **_NULLABLE_STRING,
+                "description": "The version owed to the node, or delete.",
+            },
+            "msg_id": {"type": "string"},
+            "superseded_by": {"type": "string"},
+        },
+    },
+    "Node": {
+        "type": "object",
+        "required": [
+            "node_id",
+            "project_id",
+            "transport",
+            "connected_at",
+            "last_keepalive",
+            "pending",
+        ],
+        "properties": {
+            "node_id": {"type": "string"},
+            "project_id": {"type": "string"},
+            "transport": {"type": "string", "enum": ["websocket", "quic"]},
+            "peer": {"type": "string"},
+            "connected_at": {"type": "number", "description": "Unix time, seconds."},
+            "last_keepalive": {
+                "type": "number",
+                "nullable": True,
+                "description": "Unix time, seconds; null before the first keepalive.",
+            },
+            "pending": {"type": "integer", "description": "Messages owed to the node."},
+        },
+    },
+    "Object": {
+        "type": "object",
+        "required": [
+            "resource",
+            "uid",
+            "kind",
+            "namespace",
+            "name",
+            "acked_version",
+            "pending_version",
+            "pending_msg_id",
+            "attempts",
+            "last_error",
+        ],
+        "properties": {
+            "resource": {"type": "string"},
+            "uid": {"type": "string"},
+            "kind": {"type": "string"},
+            "namespace": {**_NULLABLE_STRING, "description": "null when cluster-scoped."},
+            "name": {"type": "string"},
+            "acked_version": {
+                **_NULLABLE_STRING,
+                "description": "The resourceVersion the node acknowledged last.",
+            },
+            "pending_version": {
+                **_NULLABLE_STRING,
+                "description": "The resourceVersion owed to the node (null: none owed).",
+            },
+            "pending_operation": _NULLABLE_STRING,
+            "pending_msg_id": _NULLABLE_STRING,
+            "attempts": {"type": "integer"},
+            "last_error": _NULLABLE_STRING,
+        },
+    },
+}

@@ -1,0 +1,227 @@
+"""Prometheus metrics of one hub, read from its counters when scraped.
+
+The delivery core only bumps plain integers (:class:`cloudhub.stats.HubStats`) and the
+certificate server its :class:`~cloudhub.certs.web.CertificateCounters`; :class:`HubCollector`
+turns them, and the live sessions and queues, into metric families at scrape time. The one
+thing observed as it happens is the ACK latency, a histogram fed through
+``stats.ack_latency_observers``.
+
+Each hub has its own ``CollectorRegistry`` (two hubs in one process do not mix, and nothing
+is registered globally). The registry is rendered on the reactor thread by
+:class:`MetricsResource`, because the collector reads the hub's live dicts:
+``prometheus_client.twisted.MetricsResource`` would render it in a thread pool (and imports
+the global reactor).
+
+Names are prefixed ``cloudhub_``; KubeEdge's own ``connected_nodes`` gauge (cloudcore's
+monitor package) is kept too, so existing dashboards work.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+if TYPE_CHECKING:
+    from cloudhub.certs.web import CertificateCounters
+    from cloudhub.handler import MessageHandle
+
+__all__ = ["ACK_LATENCY_BUCKETS", "HubCollector", "HubMetrics", "MetricsResource"]
+
+# 100 µs (an edge on loopback) to 60 s (retransmissions every 5 s, §6.4).
+ACK_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+# Always reported, so a dashboard sees 0 rather than no series.
+TRANSPORTS = ("websocket", "quic")
+
+
+# (name after cloudhub_, help, HubStats attribute): counters read as they are.
+_STATS_COUNTERS = (
+    ("messages_sent", "Messages written to edges, retransmissions included", "sent"),
+    ("messages_acknowledged", "ACK-mode messages the edges acknowledged", "acknowledged"),
+    (
+        "messages_retransmitted",
+        "Transmissions after the first of the same message",
+        "retransmitted",
+    ),
+    (
+        "messages_superseded",
+        "Pending messages replaced by a newer version or a delete before their ACK",
+        "superseded",
+    ),
+    (
+        "messages_dropped",
+        "No-ACK messages dropped from the full backlog of an offline node",
+        "dropped",
+    ),
+    (
+        "messages_received",
+        "Messages received from edges (keepalives and ACKs included)",
+        "received",
+    ),
+    ("keepalive_timeouts", "Nodes disconnected for missing keepalives", "keepalive_timeouts"),
+)
+# (name after cloudhub_, help, CertificateCounters attribute).
+_CERTIFICATE_COUNTERS = (
+    ("certificates_issued", "Edge certificates signed (join token or renewal)", "issued"),
+    (
+        "certificates_renewed",
+        "Edge certificates signed for a client certificate (renewal)",
+        "renewed",
+    ),
+    (
+        "token_failures",
+        "Certificate requests with a missing, malformed, forged or expired join token",
+        "token_failures",
+    ),
+    (
+        "certificate_renewal_failures",
+        "Renewals refused: client certificate not ours or expired",
+        "cert_failures",
+    ),
+    (
+        "certificate_requests_rate_limited",
+        "Certificate requests answered 429 after repeated failures",
+        "rate_limited",
+    ),
+)
+
+
+class HubCollector(Collector):
+    """The hub's counters and live state as metric families, computed on each scrape."""
+
+    def __init__(
+        self, handle: MessageHandle, certificates: CertificateCounters | None = None
+    ) -> None:
+        self.handle = handle
+        self.certificates = certificates
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only (for the registry's duplicate check); no hub state is read.
+        return self._families(read=False)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(read=True)
+
+    def _families(self, read: bool) -> Iterator[Metric]:
+        handle = self.handle
+        connected = GaugeMetricFamily(
+            "cloudhub_connected_nodes",
+            "Nodes connected now, by transport",
+            labels=["transport"],
+        )
+        compatible = GaugeMetricFamily(
+            "connected_nodes", "Number of nodes that connected to the cloudHub instance"
+        )
+        depth = GaugeMetricFamily(
+            "cloudhub_queue_depth",
+            "Messages owed to nodes (connected or not): ACK-mode pending plus no-ACK queued",
+        )
+        refused = CounterMetricFamily(
+            "cloudhub_refused",
+            "Messages refused (stale version, invalid) and node connections refused (node limit)",
+            labels=["reason"],
+        )
+        if read:
+            stats = handle.stats
+            by_transport = Counter(s.connection.transport for s in handle.sessions.values())
+            for transport in sorted(set(TRANSPORTS) | set(by_transport)):
+                connected.add_metric([transport], by_transport.get(transport, 0))
+            compatible.add_metric([], len(handle.sessions))
+            depth.add_metric([], sum(queue.depth for queue in handle.queues.values()))
+            refused.add_metric(["stale"], stats.refused_stale)
+            refused.add_metric(["invalid"], stats.refused_invalid)
+            refused.add_metric(["node_limit"], stats.node_limit_refusals)
+        yield connected
+        yield compatible
+        yield depth
+        yield refused
+        sources: list[tuple[object, tuple[tuple[str, str, str], ...]]] = [
+            (handle.stats if read else None, _STATS_COUNTERS)
+        ]
+        if self.certificates is not None:
+            sources.append((self.certificates, _CERTIFICATE_COUNTERS))
+        for source, table in sources:
+            for name, documentation, attribute in table:
+                family = CounterMetricFamily(f"cloudhub_{name}", documentation)
+                if read:
+                    family.add_metric([], getattr(source, attribute))
+                yield family
+
+
+class MetricsResource(Resource):
+    """``GET /metrics``: the registry in the Prometheus text format (OpenMetrics on request),
+    rendered on the reactor thread."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        body = encoder(self.registry)
+        request.setResponseCode(http.OK)
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        return body
+
+
+class HubMetrics:
+    """The metrics of one hub: a registry, the collector, the ACK latency histogram.
+
+    Built from the hub's :class:`~cloudhub.handler.MessageHandle` (and the certificate
+    server's counters when given); :meth:`close` detaches the latency observer.
+    """
+
+    def __init__(
+        self, handle: MessageHandle, certificates: CertificateCounters | None = None
+    ) -> None:
+        self.handle = handle
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(HubCollector(handle, certificates))
+        self.ack_latency = Histogram(
+            "cloudhub_ack_latency_seconds",
+            "Time from the first transmission of an ACK-mode message (in its current round of "
+            "retries) to the edge's ACK",
+            buckets=ACK_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._observe = self.ack_latency.observe
+        handle.stats.ack_latency_observers.append(self._observe)
+
+    def resource(self) -> MetricsResource:
+        """A twisted.web resource rendering this hub's metrics (mount it at ``/metrics``)."""
+        return MetricsResource(self.registry)
+
+    def close(self) -> None:
+        observers = self.handle.stats.ack_latency_observers
+        if self._observe in observers:
+            observers.remove(self._observe)

@@ -1,0 +1,199 @@
+"""Prometheus metrics: what a run of the real hub shows on /metrics, and the collector alone."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from cloudhub.certs.web import CertificateCounters
+from cloudhub.errors import NodeRefused
+from cloudhub.handler import MessageHandle
+from cloudhub.metrics import ACK_LATENCY_BUCKETS, HubCollector, HubMetrics
+from cloudhub.store import MemorySyncStore
+
+from .fakes import FakeConnection, pod_message
+from .test_api import ApiHarness, pod_body, wait_for
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(text: str) -> Samples:
+    """Every sample of a Prometheus text exposition: (name, sorted labels) -> value."""
+    found: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    return found[(name, tuple(sorted(labels.items())))]
+
+
+class HubRunTests(ApiHarness, TestCase):
+    timeout = 60
+
+    async def scrape(self, **headers: bytes) -> Samples:
+        reply = await self.call(
+            b"GET", "/metrics", headers={k.encode(): v for k, v in headers.items()}
+        )
+        self.assertEqual(reply.code, 200)
+        self.assertTrue(reply.header(b"content-type").startswith(b"text/plain"))  # type: ignore[union-attr]
+        return samples(reply.body.decode())
+
+    async def test_send_ack_disconnect(self) -> None:
+        await self.start_hub()
+        before = await self.scrape()
+        self.assertEqual(value(before, "cloudhub_connected_nodes", transport="websocket"), 0)
+        self.assertEqual(value(before, "cloudhub_connected_nodes", transport="quic"), 0)
+        self.assertEqual(value(before, "cloudhub_messages_sent_total"), 0)
+
+        node = await self.join("edge-1")
+        await wait_for(lambda: self.hub.upstream.nodes()[0].last_keepalive is not None)
+        reply = await self.post("edge-1", pod_body("uid-1", "5"), "?wait=ack&timeout=20")
+        self.assertEqual(reply.code, 200)
+        reply = await self.post("edge-1", pod_body("uid-1", "4", operation="update"))
+        self.assertEqual(reply.code, 409)
+
+        during = await self.scrape()
+        self.assertEqual(value(during, "cloudhub_connected_nodes", transport="websocket"), 1)
+        self.assertEqual(value(during, "connected_nodes"), 1)  # KubeEdge's name
+        self.assertEqual(value(during, "cloudhub_messages_sent_total"), 1)
+        self.assertEqual(value(during, "cloudhub_messages_acknowledged_total"), 1)
+        self.assertEqual(value(during, "cloudhub_messages_retransmitted_total"), 0)
+        self.assertEqual(value(during, "cloudhub_refused_total", reason="stale"), 1)
+        self.assertEqual(value(during, "cloudhub_refused_total", reason="invalid"), 0)
+        self.assertEqual(value(during, "cloudhub_refused_total", reason="node_limit"), 0)
+        self.assertEqual(value(during, "cloudhub_ack_latency_seconds_count"), 1)
+        latency = value(during, "cloudhub_ack_latency_seconds_sum")
+        self.assertTrue(0 < latency < 20, latency)
+        self.assertEqual(value(during, "cloudhub_ack_latency_seconds_bucket", le="60.0"), 1)
+        self.assertEqual(value(during, "cloudhub_ack_latency_seconds_bucket", le="0.0001"), 0)
+        # At least the first keepalive and the ACK.
+        self.assertGreaterEqual(value(during, "cloudhub_messages_received_total"), 2)
+        self.assertEqual(value(during, "cloudhub_queue_depth"), 0)
+        self.assertEqual(value(during, "cloudhub_certificates_issued_total"), 1)  # bootstrap
+        self.assertEqual(value(during, "cloudhub_certificates_renewed_total"), 0)
+        self.assertEqual(value(during, "cloudhub_token_failures_total"), 0)
+
+        await node.stop()
+        await wait_for(lambda: not self.hub.upstream.is_connected("edge-1"))
+        # Owed to the node while it is away.
+        reply = await self.post("edge-1", pod_body("uid-2", "1", name="web"))
+        self.assertEqual(reply.code, 202)
+        after = await self.scrape()
+        self.assertEqual(value(after, "cloudhub_connected_nodes", transport="websocket"), 0)
+        self.assertEqual(value(after, "connected_nodes"), 0)
+        self.assertEqual(value(after, "cloudhub_queue_depth"), 1)
+        self.assertEqual(value(after, "cloudhub_messages_acknowledged_total"), 1)
+        self.assertEqual(value(after, "cloudhub_keepalive_timeouts_total"), 0)
+
+    async def test_openmetrics_on_request(self) -> None:
+        await self.start_hub()
+        reply = await self.call(
+            b"GET",
+            "/metrics",
+            headers={b"accept": b"application/openmetrics-text; version=1.0.0"},
+        )
+        self.assertEqual(reply.code, 200)
+        self.assertTrue(
+            reply.header(b"content-type").startswith(b"application/openmetrics-text")  # type: ignore[union-attr]
+        )
+        self.assertTrue(reply.body.endswith(b"# EOF\n"))
+
+    async def test_without_metrics_there_is_no_metrics_path(self) -> None:
+        await self.start_hub(metrics=False)
+        reply = await self.call(b"GET", "/metrics")
+        self.assertEqual(reply.code, 404)
+
+
+class CollectorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.handle = MessageHandle(
+            self.clock, keepalive_interval=1.0, node_limit=2, store=MemorySyncStore()
+        )
+        self.counters = CertificateCounters()
+        self.metrics = HubMetrics(self.handle, self.counters)
+
+    def scrape(self) -> Samples:
+        from prometheus_client import generate_latest
+
+        return samples(generate_latest(self.metrics.registry).decode())
+
+    def test_transports_node_limit_and_keepalive_timeouts(self) -> None:
+        quic = FakeConnection("n2")
+        quic.transport = "quic"  # type: ignore[misc]
+        self.handle.connection_made(FakeConnection("n1"))
+        self.handle.connection_made(quic)
+        self.assertRaises(NodeRefused, self.handle.connection_made, FakeConnection("n3"))
+        found = self.scrape()
+        self.assertEqual(value(found, "cloudhub_connected_nodes", transport="websocket"), 1)
+        self.assertEqual(value(found, "cloudhub_connected_nodes", transport="quic"), 1)
+        self.assertEqual(value(found, "connected_nodes"), 2)
+        self.assertEqual(value(found, "cloudhub_refused_total", reason="node_limit"), 1)
+        self.clock.advance(1.5)  # no keepalive from either
+        found = self.scrape()
+        self.assertEqual(value(found, "cloudhub_keepalive_timeouts_total"), 2)
+        self.assertEqual(value(found, "connected_nodes"), 0)
+
+    def test_queue_depth_invalid_and_certificate_counters(self) -> None:
+        self.handle.send("off-1", pod_message("u1", "1"))
+        self.handle.send("off-2", pod_message("u2", "1"))
+        self.handle.send("off-2", pod_message("u3", "1", name="other"))
+        bad = pod_message("", "1")
+        self.failureResultOf(self.handle.send("off-1", bad))
+        self.counters.issued = 3
+        self.counters.renewed = 1
+        self.counters.token_failures = 4
+        self.counters.cert_failures = 2
+        self.counters.rate_limited = 5
+        found = self.scrape()
+        self.assertEqual(value(found, "cloudhub_queue_depth"), 3)
+        self.assertEqual(value(found, "cloudhub_refused_total", reason="invalid"), 1)
+        self.assertEqual(value(found, "cloudhub_certificates_issued_total"), 3)
+        self.assertEqual(value(found, "cloudhub_certificates_renewed_total"), 1)
+        self.assertEqual(value(found, "cloudhub_token_failures_total"), 4)
+        self.assertEqual(value(found, "cloudhub_certificate_renewal_failures_total"), 2)
+        self.assertEqual(value(found, "cloudhub_certificate_requests_rate_limited_total"), 5)
+
+    def test_ack_latency_buckets_and_observer(self) -> None:
+        self.assertEqual((ACK_LATENCY_BUCKETS[0], ACK_LATENCY_BUCKETS[-1]), (0.0001, 60.0))
+        self.handle.stats.observe_ack_latency(0.003)
+        self.handle.stats.observe_ack_latency(45.0)
+        found = self.scrape()
+        self.assertEqual(value(found, "cloudhub_ack_latency_seconds_count"), 2)
+        self.assertEqual(value(found, "cloudhub_ack_latency_seconds_bucket", le="0.005"), 1)
+        self.assertEqual(value(found, "cloudhub_ack_latency_seconds_bucket", le="60.0"), 2)
+        self.metrics.close()
+        self.assertEqual(self.handle.stats.ack_latency_observers, [])
+        self.handle.stats.observe_ack_latency(1.0)
+        self.assertEqual(value(self.scrape(), "cloudhub_ack_latency_seconds_count"), 2)
+
+    def test_one_registry_per_hub_and_none_global(self) -> None:
+        other = HubMetrics(MessageHandle(self.clock))
+        self.addCleanup(other.close)
+        self.handle.stats.observe_ack_latency(0.01)
+        self.assertEqual(value(self.scrape(), "cloudhub_ack_latency_seconds_count"), 1)
+        from prometheus_client import generate_latest
+
+        theirs = samples(generate_latest(other.registry).decode())
+        self.assertEqual(value(theirs, "cloudhub_ack_latency_seconds_count"), 0)
+        # Certificate metrics only where the certificate server's counters were given.
+        self.assertNotIn(("cloudhub_certificates_issued_total", ()), theirs)
+        global_names = {m.name for m in REGISTRY.collect()}
+        self.assertFalse({n for n in global_names if "cloudhub" in n or n == "connected_nodes"})
+
+    def test_every_family_is_described_without_reading_state(self) -> None:
+        class NoState:
+            stats = property(lambda self: (_ for _ in ()).throw(AssertionError("read")))
+
+        collector = HubCollector(NoState(), CertificateCounters())  # type: ignore[arg-type]
+        self.assertRaises(AssertionError, lambda: list(collector.collect()))
+        names = {family.name for family in collector.describe()}
+        self.assertIn("cloudhub_connected_nodes", names)
+        self.assertIn("connected_nodes", names)
+        self.assertIn("cloudhub_messages_sent", names)
+        self.assertIn("cloudhub_token_failures", names)
