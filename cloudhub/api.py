@@ -87,6 +87,7 @@ STREAM_BUFFER = 16 * MIB
 CLOSE_TIMEOUT = 5.0  # seconds open API connections get to close at shutdown before abort
 
 JSON_TYPE = b"application/json"
+NDJSON_TYPES = frozenset({b"application/x-ndjson", b"application/ndjson", b"application/jsonl"})
 EVENT_STREAM_TYPE = b"text/event-stream; charset=utf-8"
 HEARTBEAT = b": keepalive\n\n"  # an SSE comment: clients ignore it
 
@@ -161,6 +162,20 @@ def _string(part: dict[str, Any], where: str, key: str, required: bool = False) 
     return value
 
 
+def parse_document(body: bytes) -> Any:
+    """One JSON value from a request body; :class:`ApiError` (400) when it is not one."""
+    if not body.strip():
+        raise ApiError(http.BAD_REQUEST, "request body is empty: expected JSON")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(http.BAD_REQUEST, f"request body is not UTF-8 (byte {e.start})") from None
+    try:
+        return wire.unmarshal_value(text)
+    except DecodeError as e:
+        raise ApiError(http.BAD_REQUEST, f"request body is {e}") from None
+
+
 def parse_message(body: bytes) -> Message:
     """A :class:`Message` from a request body in the wire JSON of protocol §1.1.
 
@@ -168,18 +183,13 @@ def parse_message(body: bytes) -> Message:
     ``null``) are required; ``header`` is optional and its ``msg_id`` and ``timestamp`` are
     filled in when missing. Raises :class:`ApiError` (400) naming the problem.
     """
-    if not body.strip():
-        raise ApiError(http.BAD_REQUEST, "request body is empty: expected a message (JSON)")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(http.BAD_REQUEST, f"request body is not UTF-8 (byte {e.start})") from None
-    try:
-        document = wire.unmarshal_value(text)
-    except DecodeError as e:
-        raise ApiError(http.BAD_REQUEST, f"request body is {e}") from None
+    return message_from_document(parse_document(body))
+
+
+def message_from_document(document: Any, where: str = "request body") -> Message:
+    """A :class:`Message` from an already-parsed wire JSON document (see :func:`parse_message`)."""
     if not isinstance(document, dict):
-        raise ApiError(http.BAD_REQUEST, "request body must be a JSON object (a message)")
+        raise ApiError(http.BAD_REQUEST, f"{where} must be a JSON object (a message)")
     header = document.get("header")
     if header is None:
         header = {}
@@ -215,6 +225,50 @@ def parse_message(body: bytes) -> Message:
         content=document["content"],
         **values,
     )
+
+
+def parse_batch(body: bytes, ndjson: bool) -> list[Any]:
+    """The entries of a batch body: a JSON array, or NDJSON (one entry per line).
+
+    A body that is neither is a 400 for the whole batch; a bad *entry* is judged on its own.
+    """
+    if not ndjson:
+        document = parse_document(body)
+        if not isinstance(document, list):
+            raise ApiError(http.BAD_REQUEST, "request body must be a JSON array of entries")
+        return document
+    entries: list[Any] = []
+    for number, line in enumerate(body.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(parse_document(line))
+        except ApiError as e:
+            entries.append(_BadEntry(f"line {number}: {e.reply().body['error']}"))
+    if not entries:
+        raise ApiError(http.BAD_REQUEST, "request body is empty: expected NDJSON entries")
+    return entries
+
+
+class _BadEntry:
+    """An NDJSON line that is not JSON: reported as that entry's result."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def batch_message(entry: Any, index: int) -> tuple[str, Message]:
+    """``(node, message)`` of one batch entry ``{"node": …, "message": {…}}``."""
+    if isinstance(entry, _BadEntry):
+        raise ApiError(http.BAD_REQUEST, entry.error)
+    if not isinstance(entry, dict):
+        raise ApiError(http.BAD_REQUEST, "an entry must be an object {node, message}")
+    node = entry.get("node")
+    if not isinstance(node, str) or not node:
+        raise ApiError(http.BAD_REQUEST, "node is required (a non-empty string)")
+    if "message" not in entry:
+        raise ApiError(http.BAD_REQUEST, "message is required (a message object)")
+    return node, message_from_document(entry["message"], "message")
 
 
 # --- watching a send() without cancelling it -------------------------------------------------
@@ -561,6 +615,7 @@ class ApiResource(Resource):
         self._waiting: set[Callable[[ApiError], None]] = set()
         self.routes = [
             Route("/v1/nodes/{node}/messages", {"POST": self._post_message}),
+            Route("/v1/messages", {"POST": self._post_batch}),
             Route("/v1/nodes", {"GET": self._get_nodes}),
             Route("/v1/nodes/{node}/objects", {"GET": self._get_objects}),
             Route("/v1/events", {"GET": self._get_events}),
@@ -731,6 +786,47 @@ class ApiResource(Resource):
                 self._flush_failed,
             )
         return self._await_delivery(request, delivery, flushed, timeout, ack_mode)
+
+    # -- POST /v1/messages --
+
+    def _post_batch(self, request: Request) -> Deferred[_Reply]:
+        """Many messages in one request, one result per entry, durable before the answer."""
+        if not self.accepting():
+            raise ApiError(http.SERVICE_UNAVAILABLE, "hub shutting down")
+        content_type = request.getHeader(b"content-type") or b""
+        ndjson = content_type.split(b";")[0].strip().lower() in NDJSON_TYPES
+        content = request.content
+        entries = parse_batch(content.read() if content is not None else b"", ndjson)
+        results: list[dict[str, Any] | None] = [None] * len(entries)
+        valid: list[tuple[str, Message]] = []
+        positions: list[int] = []
+        for index, entry in enumerate(entries):
+            try:
+                valid.append(batch_message(entry, index))
+            except ApiError as e:
+                results[index] = {"status": "invalid", "error": e.reply().body["error"]}
+            else:
+                positions.append(index)
+        try:
+            outcomes = self.upstream.send_many(valid)
+        except StoreError as e:
+            raise ApiError(http.SERVICE_UNAVAILABLE, f"sync store unavailable: {e}") from None
+        accepted = 0
+        for index, (_, message), refused in zip(positions, valid, outcomes, strict=True):
+            if refused is None:
+                accepted += 1
+                results[index] = {"msg_id": message.msg_id, "status": "accepted"}
+            else:
+                status = "stale" if isinstance(refused, StaleMessage) else "invalid"
+                results[index] = {
+                    "msg_id": message.msg_id,
+                    "status": status,
+                    "error": refused.reason,
+                }
+        body = {"accepted": accepted, "refused": len(entries) - accepted, "results": results}
+        return self.upstream.flush().addCallbacks(
+            lambda _: _Reply(http.OK, body), self._flush_failed
+        )
 
     def _accepted(self, node: str, message: Message, reply: _Reply) -> _Reply:
         log.debug(
@@ -909,6 +1005,9 @@ class ApiRequest(BoundedRequest):
 
     def _body_limit(self) -> int:
         site = getattr(self.channel, "site", None)
+        path = getattr(self.channel, "_path", b"") or b""
+        if path.split(b"?", 1)[0] == b"/v1/messages":
+            return int(getattr(site, "max_batch", 0)) or int(getattr(site, "max_body", 0))
         return int(getattr(site, "max_body", 0)) or super()._body_limit()
 
     def _too_large_answer(self) -> tuple[bytes, bytes]:
@@ -933,6 +1032,7 @@ class ApiSite(Site):
 
     resource: ApiResource
     max_body: int
+    max_batch: int
 
     def close_all(self) -> None:
         self.resource.close_all()
@@ -944,6 +1044,7 @@ def api_site(
     reactor: IReactorTime,
     *,
     max_body: int,
+    max_batch: int = 0,
     token: str = "",
     metrics_resource: IResource | None = None,
     accepting: Callable[[], bool] = lambda: True,
@@ -952,7 +1053,8 @@ def api_site(
 ) -> ApiSite:
     """The HTTP API as a ``Site`` to listen with (plain TCP; keep it on loopback or set a token).
 
-    ``max_body`` bounds request bodies (``hub.maxMessageSize``); ``token`` (``hub.api.token``)
+    ``max_body`` bounds request bodies (``hub.maxMessageSize``), ``max_batch`` those of
+    ``POST /v1/messages`` (``hub.api.maxBatchSize``); ``token`` (``hub.api.token``)
     when non-empty is required as a bearer token on every path, ``/metrics`` included;
     ``metrics_resource`` is served at ``/metrics``; ``accepting()`` False makes writes answer
     503 (shutdown); ``reactor`` runs the ACK timeouts and stream heartbeats.
@@ -970,6 +1072,7 @@ def api_site(
     site = ApiSite(resource, requestFactory=ApiRequest, reactor=reactor)
     site.displayTracebacks = False
     site.max_body = max_body
+    site.max_batch = max_batch or 64 * max_body
     return site
 
 
@@ -1072,6 +1175,45 @@ def openapi_document(*, token_required: bool = False, metrics: bool = True) -> d
             "No or wrong bearer token (WWW-Authenticate: Bearer)."
         )
     paths: dict[str, Any] = {
+        "/v1/messages": {
+            "post": {
+                "operationId": "sendMessages",
+                "summary": "Queue many messages for many nodes in one request",
+                "description": (
+                    "A JSON array (Content-Type application/json) or NDJSON (Content-Type "
+                    "application/x-ndjson, one entry per line) of entries "
+                    '`{"node": <node id>, "message": <message as for sendMessage>}`. '
+                    "Each entry is judged on its own, in order: accepted, stale (version not "
+                    "newer than what the node acknowledged or is owed) or invalid (malformed "
+                    "entry or message). 200 once every accepted message is durably stored; "
+                    "their delivery shows in /v1/nodes/{node}/objects."
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/BatchEntry"},
+                            }
+                        },
+                        "application/x-ndjson": {"schema": {"type": "string"}},
+                    },
+                },
+                "responses": {
+                    "200": _json_response(
+                        "One result per entry, in order.",
+                        {"$ref": "#/components/schemas/BatchResult"},
+                    ),
+                    "400": _error_response("The body is not a JSON array or NDJSON."),
+                    "413": {"description": "The body is larger than hub.api.maxBatchSize."},
+                    "503": _error_response(
+                        "The sync store failed to store the messages, or the hub is shutting down."
+                    ),
+                    **common_errors,
+                },
+            }
+        },
         "/v1/nodes/{node}/messages": {
             "post": {
                 "operationId": "sendMessage",
@@ -1338,6 +1480,34 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "content": {"nullable": True, "description": "Any JSON value; objects for k8s."},
+        },
+    },
+    "BatchEntry": {
+        "type": "object",
+        "required": ["node", "message"],
+        "properties": {
+            "node": {"type": "string", "minLength": 1},
+            "message": {"$ref": "#/components/schemas/Message"},
+        },
+    },
+    "BatchResult": {
+        "type": "object",
+        "required": ["accepted", "refused", "results"],
+        "properties": {
+            "accepted": {"type": "integer"},
+            "refused": {"type": "integer"},
+            "results": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {
+                        "msg_id": {"type": "string"},
+                        "status": {"type": "string", "enum": ["accepted", "stale", "invalid"]},
+                        "error": {"type": "string"},
+                    },
+                },
+            },
         },
     },
     "Accepted": {

@@ -140,6 +140,7 @@ class ApiConfig:
     address: str = _key("address", "127.0.0.1", _ip_address)
     port: int = _key("port", 10350, _port)
     token: str = _key("token", "")
+    max_batch_size: int = _key("maxBatchSize", 64 * MIB, _at_least(1024))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ edge sends to the subscribers (§6.7). It knows nothing of WebSocket or QUIC.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cloudhub import model
-from cloudhub.errors import InvalidMessage, NodeRefused, StaleMessage
+from cloudhub.errors import InvalidMessage, MessageRefused, NodeRefused, StaleMessage
 from cloudhub.interfaces import CLOSE_POLICY, IConnection, IConnectionHandler
 from cloudhub.model import Message
 from cloudhub.queue import NodeQueue
@@ -212,6 +212,29 @@ class MessageHandle:
         if result.called:
             result.addErrback(self._count_refusal)
         return result
+
+    def send_many(self, entries: Iterable[tuple[str, Message]]) -> list[MessageRefused | None]:
+        """Queue many messages without a Deferred each: one result per entry, in order.
+
+        ``None`` means accepted; a :class:`MessageRefused` (stale, invalid) says why not. What
+        was accepted is durable once :meth:`flush` fires.
+        """
+        results: list[MessageRefused | None] = []
+        stats = self.stats
+        for node_id, message in entries:
+            try:
+                if not node_id:
+                    raise InvalidMessage(node_id, "no node id")
+                self._queue(node_id).offer(_to_wire(node_id, message), want_result=False)
+            except StaleMessage as refused:
+                stats.refused_stale += 1
+                results.append(refused)
+            except InvalidMessage as refused:
+                stats.refused_invalid += 1
+                results.append(refused)
+            else:
+                results.append(None)
+        return results
 
     def _count_refusal(self, failure: Failure) -> Failure:
         if failure.check(StaleMessage):

@@ -100,6 +100,7 @@ class CloudHubService(MultiService):
                 self.store,
                 reactor,
                 max_body=config.hub.max_message_size,
+                max_batch=config.hub.api.max_batch_size,
                 token=config.hub.api.token,
                 metrics_resource=self.metrics.resource() if self.metrics is not None else None,
                 accepting=lambda: bool(self.running),

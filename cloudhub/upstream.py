@@ -6,12 +6,13 @@ reactor thread only, as is all Twisted code.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
 from cloudhub import model
+from cloudhub.errors import MessageRefused
 from cloudhub.handler import EventCallback, MessageCallback, MessageHandle, NodeEvent, NodeInfo
 from cloudhub.model import Message
 
@@ -40,6 +41,16 @@ class Upstream:
         the waiting, not the delivery.
         """
         return self._handle.send(node_id, message)
+
+    def send_many(self, entries: Iterable[tuple[str, Message]]) -> list[MessageRefused | None]:
+        """Deliver many messages: ``entries`` are ``(node_id, message)`` pairs.
+
+        The fast path for bulk submission: no Deferred per message. Returns one result per
+        entry, in order: ``None`` for accepted, else the :class:`MessageRefused` (stale or
+        invalid) that :meth:`send` would have failed with. Wait on :meth:`flush` to know the
+        accepted ones are durable; their delivery shows in ``/v1/nodes/{node}/objects``.
+        """
+        return self._handle.send_many(entries)
 
     def flush(self) -> Deferred[None]:
         """Fires once every message sent before the call is durably stored (survives a crash).

@@ -816,3 +816,71 @@ class ParseMessageTests(SynchronousTestCase):
         )  # fmt: skip
         original.type = "t"
         self.assertEqual(parse_message(wire.encode(original)), original)
+
+
+class BatchTests(ApiTestCase):
+    """POST /v1/messages (issue 9): many entries, one result each, in order."""
+
+    async def test_mixed_entries_in_order_then_delivered(self) -> None:
+        await self.start_hub()
+        node = await self.join("edge-1")
+        first = await self.post("edge-1", pod_body("uid-old", "5", name="old"))
+        self.assertEqual(first.code, 202)
+        entries = [
+            {"node": "edge-1", "message": pod_body("uid-a", "1", name="a")},
+            {"node": "edge-1", "message": pod_body("uid-old", "4", "update", name="old")},
+            {"node": "edge-1", "message": {"route": {"group": "resource"}}},
+            {"node": "", "message": pod_body("uid-b", "1", name="b")},
+            {"node": "edge-2", "message": pod_body("uid-c", "1", name="c")},
+            {"node": "edge-1", "message": pod_body("uid-d", "", name="d")},
+            "not an entry",
+        ]
+        reply = await self.call(b"POST", "/v1/messages", entries)
+        self.assertEqual(reply.code, 200, reply.body)
+        results = reply.json["results"]
+        self.assertEqual(
+            [r["status"] for r in results],
+            ["accepted", "stale", "invalid", "invalid", "accepted", "invalid", "invalid"],
+        )
+        self.assertEqual((reply.json["accepted"], reply.json["refused"]), (2, 5))
+        self.assertIn("content is required", results[2]["error"])
+        self.assertIn("node", results[3]["error"])
+        self.assertIn("resourceversion", results[5]["error"])
+        await wait_for(lambda: node.store.get("default/pod/a") is not None)
+        self.assertEqual(node.store.get("default/pod/a").resource_version, "1")
+        objects = await self.objects("edge-2")
+        self.assertEqual([o["uid"] for o in objects], ["uid-c"])
+        self.assertEqual(objects[0]["pending_msg_id"], results[4]["msg_id"])
+
+    async def test_ndjson(self) -> None:
+        await self.start_hub()
+        lines = [
+            json.dumps({"node": "edge-9", "message": pod_body(f"uid-{i}", "1", name=f"p{i}")})
+            for i in range(3)
+        ]
+        body = ("\n".join(lines[:2]) + "\n{broken\n" + lines[2] + "\n").encode()
+        reply = await self.call(
+            b"POST", "/v1/messages", body, headers={b"content-type": b"application/x-ndjson"}
+        )
+        self.assertEqual(reply.code, 200, reply.body)
+        statuses = [r["status"] for r in reply.json["results"]]
+        self.assertEqual(statuses, ["accepted", "accepted", "invalid", "accepted"])
+        self.assertIn("line 3", reply.json["results"][2]["error"])
+        self.assertEqual(len(await self.objects("edge-9")), 3)
+
+    async def test_not_an_array_is_400(self) -> None:
+        await self.start_hub()
+        reply = await self.call(b"POST", "/v1/messages", {"node": "x"})
+        self.assertEqual(reply.code, 400)
+        self.assertIn("array", reply.json["error"])
+
+    async def test_oversized_batch_is_413(self) -> None:
+        await self.start_hub()
+        entry = {"node": "edge-1", "message": pod_body("uid-1", "1")}
+        entries = [entry] * (64 * MAX_BODY // len(json.dumps(entry)) + 100)
+        reply = await self.call(b"POST", "/v1/messages", entries)
+        self.assertEqual(reply.code, 413)
+        self.assertEqual(await self.objects("edge-1"), [])
+        # The hub goes on serving.
+        reply = await self.call(b"POST", "/v1/messages", [entry])
+        self.assertEqual(reply.json["accepted"], 1)

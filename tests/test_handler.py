@@ -539,3 +539,27 @@ class QueueBookkeepingTests(SynchronousTestCase):
             queue.offer(pod_message("u1", str(rv)), want_result=False)
         self.assertEqual(len(queue.by_msg_id), 1)
         self.assertEqual(len(queue.pending), 1)
+
+
+class SendManyTests(HubTestCase):
+    def test_results_in_order_without_deferreds(self) -> None:
+        connection = self.connect("edge-1")
+        self.upstream.send("edge-1", pod_message("u1", "5", "insert"))
+        self.ack(connection, connection.sent[-1])
+        results = self.upstream.send_many(
+            [
+                ("edge-1", pod_message("u2", "1", "insert", name="b")),
+                ("edge-1", pod_message("u1", "5")),
+                ("edge-1", pod_message("", "1", "insert")),
+                ("", pod_message("u3", "1", "insert")),
+                ("edge-2", pod_message("u4", "1", "insert")),
+            ]
+        )
+        self.assertIsNone(results[0])
+        self.assertIsInstance(results[1], StaleMessage)
+        self.assertIsInstance(results[2], InvalidMessage)
+        self.assertIsInstance(results[3], InvalidMessage)
+        self.assertIsNone(results[4])
+        self.assertEqual(connection.sent[-1].content["metadata"]["uid"], "u2")
+        self.assertEqual(self.handle.stats.refused_stale, 1)
+        self.assertEqual(self.handle.stats.refused_invalid, 2)
