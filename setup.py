@@ -15,7 +15,7 @@ setup(
     install_requires=[
         "twisted[tls]>=24.3.0",
         "autobahn>=24.4.2",
-        "aioquic>=1.2.0,<1.8",
+        "aioquic>=1.7.0,<1.8",
         "pyOpenSSL>=24.0.0",
         "service-identity>=24.1.0",
         "cryptography>=43.0.0",

@@ -2,7 +2,8 @@
 
 Built from a :class:`~cloudhub.config.HubConfig`; twistd runs it through ``cloudhub.tap``, and
 an existing Twisted application embeds it with ``service.setServiceParent(application)``.
-Children: the join-token refresher, the certificate server (HTTPS), the WebSocket listener.
+Children: the join-token refresher, the certificate server (HTTPS), the WebSocket listener,
+the QUIC listener (when enabled) and the HTTP API.
 Applications talk to the hub through :attr:`CloudHubService.upstream`.
 """
 
@@ -91,6 +92,13 @@ class CloudHubService(MultiService):
 
             self.websocket = websocket_listener(config, self.authority, self.handle, reactor)
             self.websocket.setServiceParent(self)
+
+        self.quic: ListeningService | None = None
+        if hub.quic.enable:
+            from cloudhub.transport.quic import quic_listener
+
+            self.quic = quic_listener(config, self.authority, self.handle, reactor)
+            self.quic.setServiceParent(self)
 
         # Added last, stopped first: no API write is accepted once the hub stops.
         self.api: ApiService | None = None

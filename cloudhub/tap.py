@@ -39,7 +39,16 @@ def makeService(options: Options | dict[str, Any]) -> IService:
         # One line that names the file, key and problem; twistd exits non-zero.
         raise SystemExit(f"cloudhub: {e}") from None
     reactor.callWhenRunning(install_stop_handlers, reactor)
+    quiet_library_loggers()
     return service
+
+
+def quiet_library_loggers() -> None:
+    """aioquic reports each peer's protocol error through stdlib logging as a warning; a
+    hostile client could fill the log with them. The hub logs what matters itself."""
+    import logging
+
+    logging.getLogger("quic").setLevel(logging.ERROR)
 
 
 def install_stop_handlers(reactor: Any) -> None:

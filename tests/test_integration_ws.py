@@ -43,11 +43,19 @@ def wait_for(predicate, timeout: float = 10.0) -> Deferred[None]:
 
 
 class WebSocketHubTests(TestCase):
+    """The hub as an edge over WebSocket meets it; QuicHubTests runs the same over QUIC."""
+
     timeout = 60
+    transport = "websocket"
+
+    def edge_class(self) -> type:
+        return EdgeNode
 
     @inlineCallbacks
     def start_hub(self, **cloudhub: object):
         base = os.path.abspath(self.mktemp())
+        if self.transport == "quic":
+            cloudhub = {"quic": {"enable": True, "address": "127.0.0.1", "port": 0}, **cloudhub}
         self.config = hub_config(base, **cloudhub)
         hub = CloudHubService(self.config, reactor=reactor)
         hub.startService()
@@ -62,8 +70,8 @@ class WebSocketHubTests(TestCase):
     def join(self, node_id: str, token: str | None = None, **kwargs: object):
         url = f"https://127.0.0.1:{self.hub.port('https')}"
         credentials = yield bootstrap(reactor, url, token or self.hub.tokens.current, node_id)
-        node = EdgeNode(
-            reactor, node_id, "127.0.0.1", self.hub.port("websocket"), credentials, **kwargs
+        node = self.edge_class()(
+            reactor, node_id, "127.0.0.1", self.hub.port(self.transport), credentials, **kwargs
         )
         self.addCleanup(node.stop)
         return node
@@ -76,7 +84,7 @@ class WebSocketHubTests(TestCase):
         yield node.start()
         yield wait_for(lambda: self.hub.upstream.is_connected("edge-node-1"))
         [info] = self.hub.upstream.nodes()
-        self.assertEqual((info.node_id, info.transport), ("edge-node-1", "websocket"))
+        self.assertEqual((info.node_id, info.transport), ("edge-node-1", self.transport))
         self.assertEqual(self.events[0].event, EVENT_CONNECTED)
         yield wait_for(lambda: self.hub.upstream.nodes()[0].last_keepalive is not None)
 
@@ -132,3 +140,12 @@ class WebSocketHubTests(TestCase):
             acked = yield self.hub.upstream.send(f"edge-{i}", message)
             self.assertEqual(acked.msg_id, message.msg_id)
         self.assertEqual(len(self.hub.upstream.nodes()), 3)
+
+
+class QuicHubTests(WebSocketHubTests):
+    transport = "quic"
+
+    def edge_class(self) -> type:
+        from cloudhub.edge.quic import QuicEdgeNode
+
+        return QuicEdgeNode
