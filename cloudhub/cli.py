@@ -61,6 +61,87 @@ def sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def edgesim(args: argparse.Namespace) -> int:
+    """Run ``--nodes`` simulated edge nodes against a hub for ``--duration`` seconds."""
+    from cloudhub.edgesim import SimOptions, run
+
+    options = SimOptions(
+        nodes=args.nodes,
+        transport=args.transport,
+        hub=args.hub,
+        https_port=args.https_port,
+        ws_port=args.ws_port,
+        quic_port=args.quic_port,
+        token=args.token,
+        heartbeat=args.heartbeat,
+        procs=args.procs,
+        duration=args.duration,
+        certs=args.certs,
+        prefix=args.prefix,
+        first=args.first,
+        concurrency=args.concurrency,
+        interval=args.interval,
+        project_id=args.project_id,
+    )
+    options.check()
+    return run(options)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Start a hub in a subprocess, drive it with simulated nodes, print one table."""
+    from cloudhub.bench import run
+
+    return run(args)
+
+
+def _edgesim_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", "-n", type=int, default=10, help="simulated nodes (10)")
+    parser.add_argument("--transport", choices=("ws", "quic"), default="ws")
+    parser.add_argument("--hub", default="127.0.0.1", help="the hub's host (127.0.0.1)")
+    parser.add_argument("--https-port", type=int, default=10002, help="certificate port (10002)")
+    parser.add_argument("--ws-port", type=int, default=10000, help="WebSocket port (10000)")
+    parser.add_argument("--quic-port", type=int, default=10001, help="QUIC port (10001)")
+    parser.add_argument("--token", help="join token (`cloudhub token`) to bootstrap a certificate")
+    parser.add_argument("--certs", help="directory to reuse the certificate from, or save it to")
+    parser.add_argument(
+        "--heartbeat", type=float, default=15.0, help="seconds between keepalives (15)"
+    )
+    parser.add_argument("--procs", type=int, default=1, help="processes to spread nodes over (1)")
+    parser.add_argument(
+        "--duration", type=float, default=60.0, help="seconds to run, then stop (60)"
+    )
+    parser.add_argument("--prefix", default="edgesim-", help="node names: PREFIX<index>")
+    parser.add_argument("--first", type=int, default=0, help="index of the first node (0)")
+    parser.add_argument(
+        "--concurrency", type=int, default=100, help="connection attempts in flight (100)"
+    )
+    parser.add_argument(
+        "--interval", type=float, default=5.0, help="seconds between status lines, not a tty (5)"
+    )
+    parser.add_argument("--project-id", default="e632aba927ea4ac2b575ec1603d56f10")
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true", help="200 nodes, 1 and 100 node throughput (< 2 min)"
+    )
+    size.add_argument("--tiny", action="store_true", help="a few nodes and messages (tests)")
+    parser.add_argument(
+        "--transport",
+        action="append",
+        choices=("ws", "quic"),
+        help="transports to measure (repeatable; default both, quic when available)",
+    )
+    parser.add_argument(
+        "--json", help="where to write the figures (benchmarks/results/<date>-<mode>.json)"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="no PNG even with matplotlib")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile the hub during throughput (.prof files)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloudhub", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     sync_parser.add_argument("--config", "-c", help="the hub's config file")
     sync_parser.add_argument("--node", "-n", help="only this node")
     sync_parser.set_defaults(func=sync)
+    edgesim_parser = commands.add_parser(
+        "edgesim", help="simulated edge nodes: connect, heartbeat, ACK; summary on exit"
+    )
+    _edgesim_arguments(edgesim_parser)
+    edgesim_parser.set_defaults(func=edgesim)
+    bench_parser = commands.add_parser(
+        "bench", help="connections, throughput, latency and CPU of a hub on loopback"
+    )
+    _bench_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
