@@ -16,7 +16,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL.crypto import X509
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloudhub.certs import authority as authority_module
 from cloudhub.certs.authority import (
     CertificateAuthority,
     _create_files_once,
@@ -457,22 +456,9 @@ class VerifyClientTests(SynchronousTestCase):
         self.assertIn("ClientAuth", str(e))
 
 
-class _NoLock:
-    def __init__(self, path: str) -> None:
-        pass
-
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def _start_hub(base: str, barrier: Any, results: Any, lock: bool) -> None:
+def _start_hub(base: str, barrier: Any, results: Any) -> None:
     """One 'hub process': wait for the other, then load-or-create on the shared dataDir."""
     try:
-        if not lock:  # as on a file system without flock: only the directory rename guards
-            authority_module._DirectoryLock = _NoLock  # type: ignore[assignment,misc]
         barrier.wait(timeout=30)
         authority = CertificateAuthority.load_or_create(make_config(base))
         results.put(
@@ -491,7 +477,7 @@ class ConcurrentStartTests(SynchronousTestCase):
 
     ROUNDS = 5
 
-    def race(self, lock: bool) -> list[tuple[int, bytes, bytes]]:
+    def race(self) -> list[tuple[int, bytes, bytes]]:
         context = multiprocessing.get_context("fork")
         rounds = []
         for _ in range(self.ROUNDS):
@@ -499,7 +485,7 @@ class ConcurrentStartTests(SynchronousTestCase):
             barrier = context.Barrier(2)
             results = context.Queue()
             processes = [
-                context.Process(target=_start_hub, args=(base, barrier, results, lock))
+                context.Process(target=_start_hub, args=(base, barrier, results))
                 for _ in range(2)
             ]
             for p in processes:
@@ -518,13 +504,9 @@ class ConcurrentStartTests(SynchronousTestCase):
         return rounds
 
     def test_one_ca_and_one_server_certificate(self) -> None:
-        reports = self.race(lock=True)
+        reports = self.race()
         for first, second in zip(reports[::2], reports[1::2], strict=True):
             self.assertEqual(first[2], second[2])
-
-    def test_one_ca_without_lock(self) -> None:
-        """Even without flock, the directory rename lets only one CA be published."""
-        self.race(lock=False)
 
 
 class FilesTests(SynchronousTestCase):
