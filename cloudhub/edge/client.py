@@ -26,33 +26,31 @@ import base64
 import os
 import random as _random
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cloudhub.certs.tls import client_tls_options
 from cloudhub.edge.bootstrap import EdgeCredentials
 from cloudhub.edge.metamanager import MetaStore
-from cloudhub.errors import DecodeError
-from cloudhub.interfaces import CLOSE_INVALID_PAYLOAD, CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER
-from cloudhub.model import (
-    CONTROL_OPERATIONS,
-    GROUP_RESOURCE,
-    OP_RESPONSE,
-    Message,
-    new_control_ack,
-    new_keepalive,
+from cloudhub.edge.node import (
+    CONNECT_TIMEOUT,
+    DEFAULT_PROJECT_ID,
+    CloseInfo,
+    EdgeNodeBase,
+    EdgeStats,
 )
+from cloudhub.errors import DecodeError
+from cloudhub.interfaces import CLOSE_INVALID_PAYLOAD
+from cloudhub.model import Message
 from cloudhub.transport.websocket import (
     CLOSE_HANDSHAKE_TIMEOUT,
     OPEN_HANDSHAKE_TIMEOUT,
@@ -76,44 +74,11 @@ log = Logger()
 Reactor = Any
 OnMessage = Callable[["EdgeNode", Message], None]
 
-# edgecore's default edgeHub.projectID (§8.2, ws-handshake.txt).
-DEFAULT_PROJECT_ID = "e632aba927ea4ac2b575ec1603d56f10"
-CONNECT_TIMEOUT = 30.0
 # After answering the hub's close frame, how long to wait for the hub to drop TCP.
 SERVER_DROP_TIMEOUT = 2.0
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
-
-
-@dataclass(slots=True)
-class EdgeStats:
-    """Counters of one node (plain ints: read them, sum them)."""
-
-    connects: int = 0
-    disconnects: int = 0
-    connect_failures: int = 0
-    messages_received: int = 0
-    messages_sent: int = 0
-    keepalives_sent: int = 0
-    acks_sent: int = 0
-    errors_sent: int = 0
-    control_acks_sent: int = 0
-    sends_dropped: int = 0
-    decode_errors: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CloseInfo:
-    """How a connection (or a connection attempt) ended.
-
-    ``code`` and ``reason`` are from the hub's close frame when it sent one (1013 when the
-    node limit refused us); otherwise ``code`` is None and ``reason`` says what happened.
-    """
-
-    code: int | None
-    reason: str
-    was_open: bool
 
 
 def edge_client_factory(reactor: Reactor) -> WebSocketClientFactory:
@@ -258,7 +223,7 @@ class _ConnectFactory(Factory):
         return protocol
 
 
-class EdgeNode:
+class EdgeNode(EdgeNodeBase[_EdgeProtocol]):
     """One simulated edgecore: connect, heartbeat, ACK, reconnect (module docstring).
 
     ``on_message(node, message)`` sees every cloud message except control operations, after
@@ -267,37 +232,7 @@ class EdgeNode:
     built from ``credentials`` and :func:`edge_client_factory`, so many nodes can share them.
     """
 
-    __slots__ = (
-        "_reactor",
-        "node_id",
-        "hub_host",
-        "port",
-        "project_id",
-        "heartbeat",
-        "reconnect",
-        "on_message",
-        "store",
-        "stats",
-        "initial_backoff",
-        "max_backoff",
-        "jitter",
-        "connect_timeout",
-        "protocol",
-        "last_close",
-        "last_retry_delay",
-        "_random",
-        "_tls",
-        "_ws_factory",
-        "_attempt",
-        "_connecting",
-        "_retry_call",
-        "_heartbeat_loop",
-        "_failures",
-        "_running",
-        "_open_waiters",
-        "_close_waiters",
-        "_stop_waiters",
-    )
+    __slots__ = ("_tls", "_ws_factory", "_connecting")
 
     def __init__(
         self,
@@ -326,123 +261,53 @@ class EdgeNode:
             tls_options = client_tls_options(
                 credentials.ca_pem, credentials.cert_pem, credentials.key_pem, hostname=hub_host
             )
-        self._reactor = reactor
-        self.node_id = node_id
-        self.hub_host = hub_host
-        self.port = port
-        self.project_id = project_id
-        self.heartbeat = heartbeat
-        self.reconnect = reconnect
-        self.on_message = on_message
-        self.store = store if store is not None else MetaStore()
-        self.stats = EdgeStats()
-        self.initial_backoff = initial_backoff
-        self.max_backoff = max_backoff
-        self.jitter = jitter
-        self.connect_timeout = connect_timeout
-        # The open connection (WebSocket handshake done, not closing), else None.
-        self.protocol: _EdgeProtocol | None = None
-        self.last_close: CloseInfo | None = None
-        self.last_retry_delay: float | None = None
-        self._random = random
+        super().__init__(
+            reactor,
+            node_id,
+            hub_host,
+            port,
+            project_id,
+            heartbeat,
+            reconnect,
+            on_message,
+            random=random,
+            store=store,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            jitter=jitter,
+            connect_timeout=connect_timeout,
+        )
         self._tls = tls_options
         self._ws_factory = ws_factory if ws_factory is not None else edge_client_factory(reactor)
-        # The current connection attempt from TCP connect to connectionLost.
-        self._attempt: _EdgeProtocol | None = None
+        # The TCP+TLS connect under way (before the endpoint builds the protocol).
         self._connecting: Deferred[Any] | None = None
-        self._retry_call: IDelayedCall | None = None
-        self._heartbeat_loop: LoopingCall | None = None
-        self._failures = 0
-        self._running = False
-        self._open_waiters: list[Deferred[EdgeNode]] = []
-        self._close_waiters: list[Deferred[CloseInfo | None]] = []
-        self._stop_waiters: list[Deferred[None]] = []
-
-    def __repr__(self) -> str:
-        return f"<EdgeNode {self.node_id} {'connected' if self.connected else 'disconnected'}>"
-
-    # -- public API --
 
     @property
-    def connected(self) -> bool:
-        return self.protocol is not None
+    def protocol(self) -> _EdgeProtocol | None:
+        """The open connection (WebSocket handshake done, not closing), else None."""
+        return self._link
 
-    @property
-    def last_close_code(self) -> int | None:
-        """The close code the hub sent last time (1013: node limit), or None."""
-        return self.last_close.code if self.last_close else None
+    @protocol.setter
+    def protocol(self, protocol: _EdgeProtocol | None) -> None:
+        self._link = protocol
 
-    @property
-    def last_close_reason(self) -> str:
-        return self.last_close.reason if self.last_close else ""
+    # -- transport hooks --
 
-    def start(self) -> Deferred[EdgeNode]:
-        """Start connecting (and reconnecting); the result is :meth:`when_connected`."""
-        if not self._running:
-            self._running = True
-            if self._attempt is None and self._connecting is None:
-                self._connect()
-        return self.when_connected()
+    def _connecting_now(self) -> bool:
+        return self._attempt is not None or self._connecting is not None
 
-    def stop(self) -> Deferred[None]:
-        """Stop reconnecting and close the connection (code 1000); fires once it is gone."""
-        self._running = False
-        if self._retry_call is not None:
-            if self._retry_call.active():
-                self._retry_call.cancel()
-            self._retry_call = None
+    def _cancel_connecting(self) -> None:
         if self._connecting is not None:
             self._connecting.cancel()
-        attempt = self._attempt
-        if attempt is None:
-            return succeed(None)
-        stopped: Deferred[None] = Deferred()
-        self._stop_waiters.append(stopped)
-        attempt.close_with(CLOSE_NORMAL, "")
-        return stopped
 
-    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        """Close the current connection; the node reconnects if it is still running."""
-        if self._attempt is not None:
-            self._attempt.close_with(code, reason)
+    def _close_attempt(self, attempt: _EdgeProtocol, code: int, reason: str) -> None:
+        attempt.close_with(code, reason)
 
-    def when_connected(self) -> Deferred[EdgeNode]:
-        """Fires with this node now if connected, else at the next successful open."""
-        if self.protocol is not None:
-            return succeed(self)
-        waiting: Deferred[EdgeNode] = Deferred()
-        self._open_waiters.append(waiting)
-        return waiting
+    def _can_write(self, link: _EdgeProtocol) -> bool:
+        return bool(link.state == _STATE_OPEN)
 
-    def when_disconnected(self) -> Deferred[CloseInfo | None]:
-        """Fires with the :class:`CloseInfo` of the current connection, or connection attempt,
-        once it ends; at once with :attr:`last_close` (None if there was none) when there is
-        neither (stopped, or waiting to reconnect)."""
-        if self._attempt is None and self._connecting is None:
-            return succeed(self.last_close)
-        waiting: Deferred[CloseInfo | None] = Deferred()
-        self._close_waiters.append(waiting)
-        return waiting
-
-    def _ended(self, info: CloseInfo) -> None:
-        self.last_close = info
-        waiting, self._close_waiters = self._close_waiters, []
-        for waiter in waiting:
-            waiter.callback(info)
-
-    def send(self, message: Message) -> None:
-        """Write ``message`` to the hub; dropped (counted, debug log) when not connected."""
-        protocol = self.protocol
-        if protocol is None or protocol.state != _STATE_OPEN:
-            self.stats.sends_dropped += 1
-            log.debug(
-                "node {node}: not connected, message {msg_id} dropped",
-                node=self.node_id,
-                msg_id=message.msg_id,
-            )
-            return
-        protocol.send_payload(encode(message))
-        self.stats.messages_sent += 1
+    def _write(self, link: _EdgeProtocol, message: Message) -> None:
+        link.send_payload(encode(message))
 
     # -- connecting --
 
@@ -475,51 +340,10 @@ class EdgeNode:
         self._ended(CloseInfo(None, reason, False))
         self._retry(was_open=False)
 
-    def _retry(self, was_open: bool) -> None:
-        if not (self._running and self.reconnect):
-            self._running = False
-            return
-        if was_open and self.last_close_code != CLOSE_TRY_AGAIN_LATER:
-            self._failures = 0
-        delay = self.next_delay()
-        self.last_retry_delay = delay
-        self._retry_call = self._reactor.callLater(delay, self._connect)
-
-    def next_delay(self) -> float:
-        """The next reconnect delay: ``initial_backoff`` doubling per failure up to
-        ``max_backoff``, spread by ±``jitter``."""
-        base = min(self.max_backoff, self.initial_backoff * 2.0 ** min(self._failures, 64))
-        self._failures += 1
-        return base * (1.0 + self.jitter * (2.0 * self._random() - 1.0))
-
     # -- events from the protocol --
 
-    def _opened(self, protocol: _EdgeProtocol) -> None:
-        self.protocol = protocol
-        self.stats.connects += 1
-        log.debug(
-            "node {node} connected to {host}:{port}",
-            node=self.node_id,
-            host=self.hub_host,
-            port=self.port,
-        )
-        loop = LoopingCall(self._keepalive)
-        loop.clock = self._reactor
-        self._heartbeat_loop = loop
-        loop.start(self.heartbeat, now=True).addErrback(
-            lambda failure: log.failure("node {node}: heartbeat failed", failure, node=self.node_id)
-        )
-        waiting, self._open_waiters = self._open_waiters, []
-        for waiter in waiting:
-            waiter.callback(self)
-
-    def _keepalive(self) -> None:
-        if self.protocol is not None:
-            self.send(new_keepalive())
-            self.stats.keepalives_sent += 1
-
     def _received(self, protocol: _EdgeProtocol, payload: bytes) -> None:
-        if protocol is not self.protocol:
+        if protocol is not self._link:
             return
         try:
             message = decode(payload)
@@ -532,56 +356,4 @@ class EdgeNode:
             )
             protocol.close_with(CLOSE_INVALID_PAYLOAD, str(error))
             return
-        self.stats.messages_received += 1
-        if message.operation in CONTROL_OPERATIONS:
-            # §2.3: viaduct answers these itself, before anything else sees them.
-            self.send(new_control_ack(message))
-            self.stats.control_acks_sent += 1
-            return
-        if not message.parent_msg_id and message.group == GROUP_RESOURCE:
-            reply = self.store.apply(message)
-            if reply is not None:
-                self.send(reply)
-                if reply.operation == OP_RESPONSE:
-                    self.stats.acks_sent += 1
-                else:
-                    self.stats.errors_sent += 1
-        if self.on_message is not None:
-            try:
-                self.on_message(self, message)
-            except Exception:
-                log.failure(
-                    "node {node}: on_message failed for {msg_id}",
-                    node=self.node_id,
-                    msg_id=message.msg_id,
-                )
-
-    def _closed(self, protocol: _EdgeProtocol, info: CloseInfo) -> None:
-        if protocol is self._attempt:
-            self._attempt = None
-        was_open = protocol is self.protocol
-        if was_open:
-            self.protocol = None
-            self.stats.disconnects += 1
-            loop, self._heartbeat_loop = self._heartbeat_loop, None
-            if loop is not None and loop.running:
-                loop.stop()
-            log.debug(
-                "node {node} disconnected: {code} {reason}",
-                node=self.node_id,
-                code=info.code,
-                reason=info.reason,
-            )
-        else:
-            info = CloseInfo(info.code, info.reason, False)
-            self.stats.connect_failures += 1
-            log.debug(
-                "node {node}: connection failed: {reason}", node=self.node_id, reason=info.reason
-            )
-        self._ended(info)
-        if not self._running:
-            stopping, self._stop_waiters = self._stop_waiters, []
-            for waiter in stopping:
-                waiter.callback(None)
-            return
-        self._retry(was_open)
+        self._handle(message)

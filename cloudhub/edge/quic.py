@@ -40,21 +40,16 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cloudhub.edge.bootstrap import EdgeCredentials
-from cloudhub.edge.client import CONNECT_TIMEOUT, DEFAULT_PROJECT_ID, CloseInfo, EdgeStats
 from cloudhub.edge.metamanager import MetaStore
-from cloudhub.interfaces import CLOSE_INVALID_PAYLOAD, CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER
+from cloudhub.edge.node import CONNECT_TIMEOUT, DEFAULT_PROJECT_ID, CloseInfo, EdgeNodeBase
+from cloudhub.interfaces import CLOSE_INVALID_PAYLOAD, CLOSE_NORMAL
 from cloudhub.model import (
-    CONTROL_OPERATIONS,
-    GROUP_RESOURCE,
     OP_RESPONSE,
     Message,
-    new_control_ack,
-    new_keepalive,
     new_response,
 )
 from cloudhub.transport.quic import (
@@ -486,7 +481,7 @@ class _Attempt:
         self.node._closed(self, CloseInfo(info.code, info.reason, was_open), closed)
 
 
-class QuicEdgeNode:
+class QuicEdgeNode(EdgeNodeBase[_Attempt]):
     """One simulated edge node over QUIC: connect, heartbeat, ACK, reconnect (module docstring).
 
     The API is :class:`~cloudhub.edge.client.EdgeNode`'s. ``configuration`` replaces the
@@ -494,36 +489,11 @@ class QuicEdgeNode:
     a certificate; many nodes may share one).
     """
 
-    __slots__ = (
-        "_reactor",
-        "node_id",
-        "hub_host",
-        "port",
-        "project_id",
-        "heartbeat",
-        "reconnect",
-        "on_message",
-        "store",
-        "stats",
-        "initial_backoff",
-        "max_backoff",
-        "jitter",
-        "connect_timeout",
-        "max_message_size",
-        "connection",
-        "last_close",
-        "last_retry_delay",
-        "_random",
-        "_configuration",
-        "_attempt",
-        "_retry_call",
-        "_heartbeat_loop",
-        "_failures",
-        "_running",
-        "_open_waiters",
-        "_close_waiters",
-        "_stop_waiters",
-    )
+    __slots__ = ("max_message_size", "_configuration")
+
+    _NAME = "QuicEdgeNode"
+    _CONNECTED_LOG = "node {node} connected over QUIC to {host}:{port}"
+    _FAILED_LOG = "node {node}: QUIC connection failed: {reason}"
 
     def __init__(
         self,
@@ -552,123 +522,55 @@ class QuicEdgeNode:
             configuration = client_configuration(
                 credentials, hub_host, idle_timeout=max(60.0, 4.0 * heartbeat)
             )
-        self._reactor = reactor
-        self.node_id = node_id
-        self.hub_host = hub_host
-        self.port = port
-        self.project_id = project_id
-        self.heartbeat = heartbeat
-        self.reconnect = reconnect
-        self.on_message = on_message
-        self.store = store if store is not None else MetaStore()
-        self.stats = EdgeStats()
-        self.initial_backoff = initial_backoff
-        self.max_backoff = max_backoff
-        self.jitter = jitter
-        self.connect_timeout = connect_timeout
+        super().__init__(
+            reactor,
+            node_id,
+            hub_host,
+            port,
+            project_id,
+            heartbeat,
+            reconnect,
+            on_message,
+            random=random,
+            store=store,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            jitter=jitter,
+            connect_timeout=connect_timeout,
+        )
         self.max_message_size = max_message_size
-        # The open connection (header acked, not closing), else None.
-        self.connection: _Attempt | None = None
-        self.last_close: CloseInfo | None = None
-        self.last_retry_delay: float | None = None
-        self._random = random
         self._configuration = configuration
-        self._attempt: _Attempt | None = None
-        self._retry_call: IDelayedCall | None = None
-        self._heartbeat_loop: LoopingCall | None = None
-        self._failures = 0
-        self._running = False
-        self._open_waiters: list[Deferred[QuicEdgeNode]] = []
-        self._close_waiters: list[Deferred[CloseInfo | None]] = []
-        self._stop_waiters: list[Deferred[None]] = []
-
-    def __repr__(self) -> str:
-        state = "connected" if self.connected else "disconnected"
-        return f"<QuicEdgeNode {self.node_id} {state}>"
-
-    # -- public API --
 
     @property
-    def connected(self) -> bool:
-        return self.connection is not None
+    def connection(self) -> _Attempt | None:
+        """The open connection (header acked, not closing), else None."""
+        return self._link
 
-    @property
-    def last_close_code(self) -> int | None:
-        """The application error code the hub closed with last time (1013: node limit)."""
-        return self.last_close.code if self.last_close else None
+    @connection.setter
+    def connection(self, connection: _Attempt | None) -> None:
+        self._link = connection
 
-    @property
-    def last_close_reason(self) -> str:
-        return self.last_close.reason if self.last_close else ""
+    # -- transport hooks --
 
-    def start(self) -> Deferred[QuicEdgeNode]:
-        """Start connecting (and reconnecting); the result is :meth:`when_connected`."""
-        if not self._running:
-            self._running = True
-            if self._attempt is None:
-                self._connect()
-        return self.when_connected()
+    def _close_attempt(self, attempt: _Attempt, code: int, reason: str) -> None:
+        attempt.close(code, reason)
 
-    def stop(self) -> Deferred[None]:
-        """Stop reconnecting and close the connection (code 1000); fires once it is gone."""
-        self._running = False
-        if self._retry_call is not None:
-            if self._retry_call.active():
-                self._retry_call.cancel()
-            self._retry_call = None
-        attempt = self._attempt
-        if attempt is None:
-            return succeed(None)
-        stopped: Deferred[None] = Deferred()
-        self._stop_waiters.append(stopped)
-        attempt.close(CLOSE_NORMAL, "")
-        return stopped
+    def _can_write(self, link: _Attempt) -> bool:
+        return link.state == _OPEN
 
-    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        """Close the current connection; the node reconnects if it is still running."""
-        if self._attempt is not None:
-            self._attempt.close(code, reason)
-
-    def when_connected(self) -> Deferred[QuicEdgeNode]:
-        """Fires with this node now if connected, else at the next successful open."""
-        if self.connection is not None:
-            return succeed(self)
-        waiting: Deferred[QuicEdgeNode] = Deferred()
-        self._open_waiters.append(waiting)
-        return waiting
-
-    def when_disconnected(self) -> Deferred[CloseInfo | None]:
-        """Fires with the :class:`CloseInfo` of the current connection or attempt once it
-        ends; at once with :attr:`last_close` when there is neither."""
-        if self._attempt is None:
-            return succeed(self.last_close)
-        waiting: Deferred[CloseInfo | None] = Deferred()
-        self._close_waiters.append(waiting)
-        return waiting
-
-    def send(self, message: Message) -> None:
-        """Write ``message`` to the hub (end of this reactor turn); dropped (counted) when
-        not connected."""
-        connection = self.connection
-        if connection is None or connection.state != _OPEN:
-            self.stats.sends_dropped += 1
-            log.debug(
-                "node {node}: not connected, message {msg_id} dropped",
-                node=self.node_id,
-                msg_id=message.msg_id,
-            )
-            return
+    def _write(self, link: _Attempt, message: Message) -> None:
+        # Written at the end of this reactor turn.
         if message.sync:
             message = message.copy(sync=False)
-        connection.send(encode_frame(message))
-        self.stats.messages_sent += 1
+        link.send(encode_frame(message))
 
-    def next_delay(self) -> float:
-        """The next reconnect delay: ``initial_backoff`` doubling per failure up to
-        ``max_backoff``, spread by ±``jitter``."""
-        base = min(self.max_backoff, self.initial_backoff * 2.0 ** min(self._failures, 64))
-        self._failures += 1
-        return base * (1.0 + self.jitter * (2.0 * self._random() - 1.0))
+    def _prepare(self, message: Message) -> Message:
+        if not message.resource_version:
+            # §2.5: protobuf drops it; the object's own metadata still has it.
+            version = _object_resource_version(message.content)
+            if version:
+                message = message.copy(resource_version=version)
+        return message
 
     # -- connecting --
 
@@ -678,108 +580,9 @@ class QuicEdgeNode:
         self._attempt = attempt
         attempt.start()
 
-    def _retry(self, was_open: bool) -> None:
-        if not (self._running and self.reconnect):
-            self._running = False
-            return
-        if was_open and self.last_close_code != CLOSE_TRY_AGAIN_LATER:
-            self._failures = 0
-        delay = self.next_delay()
-        self.last_retry_delay = delay
-        self._retry_call = self._reactor.callLater(delay, self._connect)
-
     # -- events from the attempt --
 
-    def _opened(self, attempt: _Attempt) -> None:
-        self.connection = attempt
-        self.stats.connects += 1
-        log.debug(
-            "node {node} connected over QUIC to {host}:{port}",
-            node=self.node_id,
-            host=self.hub_host,
-            port=self.port,
-        )
-        loop = LoopingCall(self._keepalive)
-        loop.clock = self._reactor
-        self._heartbeat_loop = loop
-        loop.start(self.heartbeat, now=True).addErrback(
-            lambda failure: log.failure("node {node}: heartbeat failed", failure, node=self.node_id)
-        )
-        waiting, self._open_waiters = self._open_waiters, []
-        for waiter in waiting:
-            waiter.callback(self)
-
-    def _keepalive(self) -> None:
-        if self.connection is not None:
-            self.send(new_keepalive())
-            self.stats.keepalives_sent += 1
-
     def _received(self, attempt: _Attempt, message: Message) -> None:
-        if attempt is not self.connection:
+        if attempt is not self._link:
             return
-        self.stats.messages_received += 1
-        if message.operation in CONTROL_OPERATIONS:
-            self.send(new_control_ack(message))  # §2.3
-            self.stats.control_acks_sent += 1
-            return
-        if not message.resource_version:
-            # §2.5: protobuf drops it; the object's own metadata still has it.
-            version = _object_resource_version(message.content)
-            if version:
-                message = message.copy(resource_version=version)
-        if not message.parent_msg_id and message.group == GROUP_RESOURCE:
-            reply = self.store.apply(message)
-            if reply is not None:
-                self.send(reply)
-                if reply.operation == OP_RESPONSE:
-                    self.stats.acks_sent += 1
-                else:
-                    self.stats.errors_sent += 1
-        if self.on_message is not None:
-            try:
-                self.on_message(self, message)
-            except Exception:
-                log.failure(
-                    "node {node}: on_message failed for {msg_id}",
-                    node=self.node_id,
-                    msg_id=message.msg_id,
-                )
-
-    def _closed(self, attempt: _Attempt, info: CloseInfo, socket_closed: Deferred[None]) -> None:
-        if attempt is self._attempt:
-            self._attempt = None
-        if attempt is self.connection:
-            self.connection = None
-            self.stats.disconnects += 1
-            loop, self._heartbeat_loop = self._heartbeat_loop, None
-            if loop is not None and loop.running:
-                loop.stop()
-            log.debug(
-                "node {node} disconnected: {code} {reason}",
-                node=self.node_id,
-                code=info.code,
-                reason=info.reason,
-            )
-        else:
-            info = CloseInfo(info.code, info.reason, False)
-            self.stats.connect_failures += 1
-            log.debug(
-                "node {node}: QUIC connection failed: {reason}",
-                node=self.node_id,
-                reason=info.reason,
-            )
-        self.last_close = info
-        waiting, self._close_waiters = self._close_waiters, []
-        for waiter in waiting:
-            waiter.callback(info)
-        if not self._running:
-            stopping, self._stop_waiters = self._stop_waiters, []
-            if stopping:
-                # stop() fires once the UDP socket is closed too (nothing left in the reactor).
-                def stopped(_: object) -> None:
-                    for waiter in stopping:
-                        waiter.callback(None)
-
-                socket_closed.addBoth(stopped)
-            return
-        self._retry(info.was_open)
+        self._handle(message)
