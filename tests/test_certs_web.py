@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -17,7 +18,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cloudhub.certs.authority import CertificateAuthority, issued_by
 from cloudhub.certs.ratelimit import FailureLimiter
@@ -559,3 +560,28 @@ class TLSOptionsTests(TestCase):
 
         self.assertRaises(ValueError, server_tls_options, self.authority, "maybe")  # type: ignore[arg-type]
         self.assertRaises(ValueError, client_tls_options, b"", b"x", hostname="h")
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    def test_idle_connection_closed_after_a_minute(self) -> None:
+        """edgecore keeps its HTTPS connections idle; the hub does not hold them for hours."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from cloudhub.certs.authority import CertificateAuthority
+        from cloudhub.certs.token import TokenIssuer
+        from cloudhub.certs.web import IDLE_TIMEOUT, certificate_site
+
+        from .helpers_tls import make_config
+
+        clock = Clock()
+        authority = CertificateAuthority.load_or_create(make_config(os.path.abspath(self.mktemp())))
+        site = certificate_site(authority, TokenIssuer(authority, 12, clock), clock)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        clock.advance(IDLE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(2)
+        self.assertTrue(transport.disconnecting)

@@ -52,6 +52,9 @@ INVALID_TOKEN = b"Invalid authorization token"
 TEXT = b"text/plain; charset=utf-8"
 
 
+IDLE_TIMEOUT = 60.0  # seconds an idle certificate-server connection stays open
+
+
 @dataclass
 class CertificateCounters:
     """What the certificate server did, for the metrics endpoint to come."""
@@ -456,7 +459,11 @@ def certificate_site(
     readiness = Readiness(ready)
     root.putChild(b"readyz", readiness)
     root.putChild(b"healthz", readiness)
-    site = CertificateSite(root, requestFactory=BoundedRequest, reactor=reactor)
+    # Idle connections close after a minute (twisted.web's default is 12 hours): edgecore
+    # dials again when it needs the server, and a pile of idle sockets is a cheap attack.
+    site = CertificateSite(
+        root, requestFactory=BoundedRequest, reactor=reactor, timeout=IDLE_TIMEOUT
+    )
     site.displayTracebacks = False
     site.counters = counters
     site.limiter = limiter
