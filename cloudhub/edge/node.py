@@ -11,6 +11,7 @@ and closes; it reports to the base through ``_opened``, ``_handle`` and ``_close
 from __future__ import annotations
 
 import random as _random
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
@@ -82,7 +83,7 @@ class CloseInfo:
 ConnT = TypeVar("ConnT")
 
 
-class EdgeNodeBase(Generic[ConnT]):
+class EdgeNodeBase(ABC, Generic[ConnT]):
     """The transport-free part of an edge node (module docstring).
 
     Subclasses implement the hooks ``_connect`` (start an attempt; set ``_attempt`` when there
@@ -179,8 +180,9 @@ class EdgeNodeBase(Generic[ConnT]):
 
     # -- hooks of the transport --
 
+    @abstractmethod
     def _connect(self) -> None:
-        raise NotImplementedError
+        """Start one connection attempt to the hub."""
 
     def _connecting_now(self) -> bool:
         """Whether a connection attempt is under way (or a connection up)."""
@@ -189,14 +191,17 @@ class EdgeNodeBase(Generic[ConnT]):
     def _cancel_connecting(self) -> None:
         """Called by :meth:`stop` before it closes the current attempt."""
 
+    @abstractmethod
     def _close_attempt(self, attempt: ConnT, code: int, reason: str) -> None:
-        raise NotImplementedError
+        """Close a connection or an attempt that is under way."""
 
+    @abstractmethod
     def _can_write(self, link: ConnT) -> bool:
-        raise NotImplementedError
+        """Whether ``link`` is open for messages."""
 
+    @abstractmethod
     def _write(self, link: ConnT, message: Message) -> None:
-        raise NotImplementedError
+        """Encode ``message`` and write it on ``link``."""
 
     def _prepare(self, message: Message) -> Message:
         """A cloud message (not a control operation) before it is stored and handed on."""
