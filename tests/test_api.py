@@ -36,7 +36,7 @@ from cloudhub.service import CloudHubService
 from cloudhub.store import MemorySyncStore, StoreError
 
 from .fakes import pod
-from .helpers_tls import BytesProducer, make_config
+from .helpers_tls import BytesProducer, RawClient, make_config
 
 MAX_BODY = 64 * 1024
 
@@ -128,28 +128,6 @@ class EventCollector(Protocol):
 
     def of(self, kind: str) -> list[Any]:
         return [data for name, data in self.events if name == kind]
-
-
-class RawClient(Protocol):
-    """Sends bytes as they are and keeps what comes back until ``enough`` says so."""
-
-    def __init__(self, chunks: list[bytes], enough: Any) -> None:
-        self.chunks = chunks
-        self.enough = enough
-        self.received = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        for chunk in self.chunks:
-            self.transport.write(chunk)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        if self.enough(self.received):
-            self.transport.loseConnection()  # type: ignore[union-attr]
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.done.callback(self.received)
 
 
 def complete_response(received: bytes) -> bool:
