@@ -31,8 +31,12 @@ class IConnection(Interface):
     transport = Attribute("'websocket' or 'quic'.")
     peer = Attribute("The remote address as 'host:port'.")
 
-    def send_message(message: Message) -> None:
+    def send_message(message: Message, encoded: bytes | None = None) -> None:
         """Encode ``message`` and queue it for writing.
+
+        ``encoded``, when given, is ``cloudhub.wire.encode(message)`` made earlier (the sync
+        store keeps the same bytes): a transport writing the JSON lane uses it instead of
+        encoding the message again; others ignore it.
 
         Never blocks and never raises for a closed connection: the message is then dropped
         (the core learns of the loss through ``connection_lost`` and keeps what it owes).

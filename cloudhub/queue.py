@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 
-from cloudhub import model
+from cloudhub import model, wire
 from cloudhub.errors import (
     InvalidMessage,
     ResourceVersionError,
@@ -68,11 +68,29 @@ def _is_go_error(content: Any) -> bool:
 class PendingEntry:
     """The newest undelivered message for one object, and who waits for its ACK."""
 
-    __slots__ = ("uid", "message", "version", "delete", "waiters", "transmissions", "failures")
+    __slots__ = (
+        "uid",
+        "message",
+        "version",
+        "delete",
+        "waiters",
+        "transmissions",
+        "failures",
+        "encoded",
+    )
 
-    def __init__(self, uid: str, message: Message, version: int | None, delete: bool) -> None:
+    def __init__(
+        self,
+        uid: str,
+        message: Message,
+        version: int | None,
+        delete: bool,
+        encoded: bytes | None = None,
+    ) -> None:
         self.uid = uid
         self.message = message
+        # wire.encode(message) when it was made for the store; the transport reuses it.
+        self.encoded = encoded
         self.version = version  # None for deletes without a resourceVersion
         self.delete = delete
         self.waiters: list[Deferred[Message]] = []
@@ -164,7 +182,9 @@ class NodeQueue:
                 raise self._stale(uid, message, acked, current)
             if current is None and acked is not None and acked >= version:
                 raise self._stale(uid, message, acked, None)
-        entry = PendingEntry(uid, message, version, delete)
+        # Encoded once, here, for the store and for every transmission on the JSON lane.
+        encoded = wire.encode(message) if self.store is not None else None
+        entry = PendingEntry(uid, message, version, delete, encoded)
         if current is not None:
             self._supersede(current, entry)
         self.pending[uid] = entry
@@ -180,6 +200,7 @@ class NodeQueue:
                 model.object_kind(content),
                 model.object_namespace(content),
                 model.object_name(content),
+                encoded,
             )
         return entry
 

@@ -138,7 +138,7 @@ class NodeSession:
         else:
             self._first_sent_at = self.reactor.seconds()
         stats.sent += 1
-        self.connection.send_message(entry.message)
+        self.connection.send_message(entry.message, entry.encoded)
         self._retransmit = self.reactor.callLater(self.retransmit_interval, self._no_ack_in_time)
 
     def acknowledged(self, parent_msg_id: str) -> PendingEntry | None:

@@ -19,11 +19,13 @@ class FakeConnection:
         self.project_id = project_id
         self.peer = peer
         self.sent: list[Message] = []
+        self.encoded: list[bytes | None] = []  # what send_message was given beside each
         self.closed: tuple[int, str] | None = None
 
-    def send_message(self, message: Message) -> None:
+    def send_message(self, message: Message, encoded: bytes | None = None) -> None:
         if self.closed is None:
             self.sent.append(message)
+            self.encoded.append(encoded)
 
     def close(self, code: int, reason: str) -> None:
         if self.closed is None:

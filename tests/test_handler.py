@@ -519,6 +519,22 @@ class DurableDeliveryTests(SynchronousTestCase):
         self.handle.message_received(connection, model.new_ack(connection.sent[-1]))
         self.assertEqual(self.successResultOf(self.store.records("edge-1")), [])
 
+    def test_encoded_once_for_store_and_wire(self) -> None:
+        """The bytes the store keeps are the bytes handed to the transport, every time."""
+        from cloudhub import wire
+
+        upstream = self.hub()
+        upstream.send("edge-1", pod_message("u1", "5", "insert"))
+        connection = self.connect("edge-1")
+        self.clock.advance(5)  # one retransmission
+        [record] = self.successResultOf(self.store.records("edge-1"))
+        assert record.pending is not None
+        self.assertEqual(len(connection.encoded), 2)
+        first, again = connection.encoded
+        self.assertIs(first, again)
+        self.assertEqual(first, wire.encode(connection.sent[0]))
+        self.assertEqual(first, wire.encode(record.pending))
+
     def test_backoff_records_attempts(self) -> None:
         upstream = self.hub()
         self.connect("edge-1")

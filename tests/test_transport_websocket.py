@@ -571,6 +571,25 @@ class SendUnitTests(SynchronousTestCase):
         self.assertNotIn(b'"sync"', frames[0][2])
         self.assertTrue(message.sync)
 
+    def test_encoded_bytes_reused(self) -> None:
+        """Bytes the core already encoded (for the sync store) go out as they are."""
+        message = self.messages(1)[0]
+        encoded = encode(message)
+        self.connection.send_message(message, encoded)
+        self.unit.clock.advance(0)
+        frames, _ = parse_frames(self.transport.value())
+        self.assertIs(frames[0][2].__class__, bytes)
+        self.assertEqual(frames[0][2], encoded)
+
+    def test_encoded_ignored_for_sync_message(self) -> None:
+        """A sync message's stored bytes say sync:true; the wire form must not (§2.4)."""
+        message = self.messages(1)[0].copy(sync=True)
+        self.connection.send_message(message, encode(message))
+        self.unit.clock.advance(0)
+        frames, _ = parse_frames(self.transport.value())
+        self.assertNotIn(b'"sync"', frames[0][2])
+        self.assertEqual(decode(frames[0][2]), message.copy(sync=False))
+
     def test_close_after_send(self) -> None:
         """Frames queued before close are written first; then the close frame; nothing after."""
         self.connection.send_message(self.messages(1)[0])

@@ -37,12 +37,14 @@ class StoreSchemaError(StoreError):
     """The database file holds a schema this version of cloudhub does not know."""
 
 
-def encode_pending(message: Message) -> str:
+def encode_pending(message: Message, encoded: bytes | None = None) -> str:
     """The persisted form of a pending message: its WebSocket-lane JSON (§1.1), as text.
 
     Every store keeps this form, so what a store gives back is what any other would.
+    ``encoded`` is ``wire.encode(message)`` when the caller already made it (the queue
+    encodes each message once, for the store and the wire).
     """
-    return wire.encode(message).decode("utf-8")
+    return (wire.encode(message) if encoded is None else encoded).decode("utf-8")
 
 
 def decode_pending(text: str, node_id: str, uid: str) -> Message:
@@ -90,9 +92,17 @@ class ISyncStore(Interface):
         """Every record, ordered by ``seq``. Called once at startup, before any write; may block."""
 
     def put_pending(
-        node_id: str, uid: str, message: Message, kind: str, namespace: str, name: str
+        node_id: str,
+        uid: str,
+        message: Message,
+        kind: str,
+        namespace: str,
+        name: str,
+        encoded: bytes | None = None,
     ) -> None:
         """Record (or replace) the message owed to ``node_id`` for object ``uid``.
+
+        ``encoded``, when given, is ``wire.encode(message)``, so the store need not encode again.
 
         Keeps ``acked_version``, ``attempts`` and ``last_error``; takes a new ``seq``. The
         message is captured as it is now (later changes to the object are not recorded).

@@ -55,7 +55,14 @@ class MemorySyncStore:
     # --- writes ------------------------------------------------------------------------------
 
     def put_pending(
-        self, node_id: str, uid: str, message: Message, kind: str, namespace: str, name: str
+        self,
+        node_id: str,
+        uid: str,
+        message: Message,
+        kind: str,
+        namespace: str,
+        name: str,
+        encoded: bytes | None = None,
     ) -> None:
         self._check_open()
         row = self._rows.get((node_id, uid))
@@ -63,7 +70,7 @@ class MemorySyncStore:
             row = self._rows[(node_id, uid)] = _Row()
         row.kind, row.namespace, row.name = kind, namespace, name
         row.resource = message.resource
-        row.pending = encode_pending(message)
+        row.pending = encode_pending(message, encoded)
         row.seq = self._next_seq()
 
     def acknowledged(self, node_id: str, uid: str, version: int | None, deleted: bool) -> None:

@@ -383,7 +383,14 @@ class SQLiteSyncStore:
     # --- writes (reactor thread, buffered) ---------------------------------------------------
 
     def put_pending(
-        self, node_id: str, uid: str, message: Message, kind: str, namespace: str, name: str
+        self,
+        node_id: str,
+        uid: str,
+        message: Message,
+        kind: str,
+        namespace: str,
+        name: str,
+        encoded: bytes | None = None,
     ) -> None:
         if self._closed:
             raise self._closed_error()
@@ -395,7 +402,7 @@ class SQLiteSyncStore:
             "namespace": namespace,
             "name": name,
             "resource": message.resource,
-            "pending": encode_pending(message),
+            "pending": encode_pending(message, encoded),
             "seq": self._last_seq,
         }
         self._set_or_create((node_id, uid), fields)

@@ -446,8 +446,10 @@ class QuicHubConnection:
         """True while ``send_message`` would write (header acked, no close started)."""
         return self.state == _OPEN
 
-    def send_message(self, message: Message) -> None:
+    def send_message(self, message: Message, encoded: bytes | None = None) -> None:
         """Queue ``message`` on the hub's message stream; transmitted at the end of the turn.
+
+        ``encoded`` (the JSON lane's bytes) is of no use here: QUIC carries protobuf.
 
         Dropped (debug log) when the connection is closing or closed.
         """

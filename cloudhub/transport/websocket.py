@@ -234,8 +234,10 @@ class WebSocketConnection:
         protocol = self._protocol
         return protocol is not None and protocol.state == _STATE_OPEN
 
-    def send_message(self, message: Message) -> None:
+    def send_message(self, message: Message, encoded: bytes | None = None) -> None:
         """Queue ``message`` as a text frame; written at the end of this reactor turn.
+
+        ``encoded`` is ``encode(message)`` if the caller has it (IConnection.send_message).
 
         Dropped (debug log) when the connection is closing or closed. Raises only what
         :func:`cloudhub.wire.encode` raises for a message JSON cannot carry (a caller's bug).
@@ -249,8 +251,9 @@ class WebSocketConnection:
             )
             return
         if message.sync:  # §2.4: async writes clear it, and edgecore acts on it
-            message = message.copy(sync=False)
-        protocol.queue_payload(encode(message))
+            protocol.queue_payload(encode(message.copy(sync=False)))
+        else:
+            protocol.queue_payload(encode(message) if encoded is None else encoded)
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame with ``code`` and ``reason``; TCP is dropped when the edge
