@@ -27,6 +27,7 @@ from cloudhub.config import HubConfig
 from cloudhub.handler import MessageHandle
 from cloudhub.interfaces import CLOSE_GOING_AWAY
 from cloudhub.listening import ListeningService
+from cloudhub.gctuning import GarbageCollectorTuning
 from cloudhub.metrics import HubMetrics
 from cloudhub.store import open_store
 from cloudhub.upstream import Upstream
@@ -115,6 +116,12 @@ class CloudHubService(MultiService):
             )
             self.api = api_listener(config, site, reactor)
             self.api.setServiceParent(self)
+
+        # Started last: what it freezes includes everything built above.
+        self.gc_tuning: GarbageCollectorTuning | None = None
+        if config.hub.gc_threshold:
+            self.gc_tuning = GarbageCollectorTuning(config.hub.gc_threshold)
+            self.gc_tuning.setServiceParent(self)
 
     def listeners(self) -> list[ListeningService]:
         return [s for s in self if isinstance(s, ListeningService)]

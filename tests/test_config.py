@@ -133,6 +133,11 @@ class ConfigTests(SynchronousTestCase):
         error = self.error("cloudHub:\n  keepaliveInterval: 0\n")
         self.assertEqual(error.key, "cloudHub.keepaliveInterval")
 
+    def test_negative_gc_threshold(self) -> None:
+        error = self.error("hub:\n  gcThreshold: -1\n")
+        self.assertEqual(error.key, "hub.gcThreshold")
+        self.assertIn("at least 0", str(error))
+
     def test_bad_ip_address(self) -> None:
         error = self.error("cloudHub:\n  advertiseAddress: [hub.example.com]\n")
         self.assertEqual(error.key, "cloudHub.advertiseAddress")

@@ -56,3 +56,47 @@ class ServiceTests(TestCase):
         url = f"https://127.0.0.1:{hub.port('https')}"
         credentials = yield bootstrap(reactor, url, token, "edge-node-1")
         self.assertTrue(credentials.cert_pem.startswith(b"-----BEGIN CERTIFICATE"))
+
+
+class GarbageCollectorTuningTests(TestCase):
+    """hub.gcThreshold: the collector is set while the hub runs, and put back after."""
+
+    def setUp(self) -> None:
+        import gc
+
+        self.before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *self.before)
+        self.addCleanup(gc.unfreeze)
+
+    def hub(self, **hub_settings: object) -> CloudHubService:
+        from cloudhub.config import parse_config
+
+        base = os.path.abspath(self.mktemp())
+        data = hub_config(base).as_dict()
+        data["hub"].update(hub_settings)
+        return CloudHubService(parse_config(data), reactor=reactor)
+
+    @inlineCallbacks
+    def test_threshold_while_running_then_restored(self):
+        import gc
+
+        hub = self.hub(gcThreshold=12345)
+        hub.startService()
+        yield hub.ready
+        self.assertEqual(gc.get_threshold()[0], 12345)
+        self.assertGreater(gc.get_freeze_count(), 0)
+        yield hub.stopService()
+        self.assertEqual(gc.get_threshold(), self.before)
+        self.assertEqual(gc.get_freeze_count(), 0)
+
+    @inlineCallbacks
+    def test_zero_leaves_the_collector_alone(self):
+        import gc
+
+        hub = self.hub(gcThreshold=0)
+        self.assertIsNone(hub.gc_tuning)
+        hub.startService()
+        yield hub.ready
+        self.assertEqual(gc.get_threshold(), self.before)
+        self.assertEqual(gc.get_freeze_count(), 0)
+        yield hub.stopService()
