@@ -30,6 +30,8 @@ RETRANSMIT_INTERVAL = 5.0  # seconds between transmissions of an unacknowledged 
 MAX_TRANSMISSIONS = 5  # 1 send + 4 resends, then backoff (§6.4)
 BACKOFF_BASE = 0.005  # client-go's per-item exponential failure rate limiter
 BACKOFF_MAX = 1000.0
+# A retransmission timer this close to its message's due time counts as due (float rounding).
+_DUE_SLACK = 0.001
 
 
 def backoff_delay(failures: int) -> float:
@@ -64,7 +66,10 @@ class NodeSession:
         self.in_flight: PendingEntry | None = None
         self._in_flight_msg_id = ""
         self._watchdog: IDelayedCall | None = None
+        # One retransmission timer per session, not per message: it is left running when an
+        # ACK comes and, when it fires early for a later message, moved to that one's due time.
         self._retransmit: IDelayedCall | None = None
+        self._retransmit_due = 0.0
         self._wakeup: IDelayedCall | None = None
         self.active = False
         self.stats = stats if stats is not None else HubStats()
@@ -133,13 +138,18 @@ class NodeSession:
         self._in_flight_msg_id = entry.message.msg_id
         entry.transmissions += 1
         stats = self.stats
+        now = self.reactor.seconds()
         if entry.transmissions > 1:
             stats.retransmitted += 1
         else:
-            self._first_sent_at = self.reactor.seconds()
+            self._first_sent_at = now
         stats.sent += 1
         self.connection.send_message(entry.message, entry.encoded)
-        self._retransmit = self.reactor.callLater(self.retransmit_interval, self._no_ack_in_time)
+        self._retransmit_due = now + self.retransmit_interval
+        if self._retransmit is None:
+            self._retransmit = self.reactor.callLater(
+                self.retransmit_interval, self._retransmit_timer
+            )
 
     def acknowledged(self, parent_msg_id: str) -> PendingEntry | None:
         """The edge acknowledged ``parent_msg_id``; returns the entry it completed, if any."""
@@ -154,9 +164,7 @@ class NodeSession:
         return entry
 
     def _finish_in_flight(self) -> None:
-        if self._retransmit is not None and self._retransmit.active():
-            self._retransmit.cancel()
-        self._retransmit = None
+        # The retransmission timer stays: the next transmission moves its due time.
         in_flight, self.in_flight = self.in_flight, None
         if in_flight is not None:
             in_flight.transmissions = 0
@@ -166,8 +174,18 @@ class NodeSession:
                 # A newer version arrived while this one was in flight: it goes next in turn.
                 self.queue.requeue(current)
 
-    def _no_ack_in_time(self) -> None:
+    def _retransmit_timer(self) -> None:
         self._retransmit = None
+        if self.in_flight is None or not self.active:
+            return
+        remaining = self._retransmit_due - self.reactor.seconds()
+        if remaining > _DUE_SLACK:
+            # Armed for an earlier message, since acknowledged: wait for this one's turn.
+            self._retransmit = self.reactor.callLater(remaining, self._retransmit_timer)
+            return
+        self._no_ack_in_time()
+
+    def _no_ack_in_time(self) -> None:
         entry = self.in_flight
         if entry is None or not self.active:
             return

@@ -331,6 +331,25 @@ class DeliveryTests(HubTestCase):
         self.assertEqual(len(connection.sent), 6)
         self.assertTrue(all(m.msg_id == message.msg_id for m in connection.sent))
 
+    def test_next_message_gets_its_own_five_seconds(self) -> None:
+        """A message sent 3 s after the first one's timer started is resent 5 s after *its*
+        transmission; ACKs do not create or cancel timers (one per session)."""
+        connection = self.connect("edge-1")
+        self.upstream.send("edge-1", pod_message("u1", "1", "insert"))
+        self.upstream.send("edge-1", pod_message("u2", "1", "insert", name="other"))
+        timers = len(self.clock.getDelayedCalls())
+        self.clock.advance(3)
+        self.ack(connection, connection.sent[-1])
+        self.assertEqual(len(connection.sent), 2)
+        self.assertEqual(len(self.clock.getDelayedCalls()), timers)
+        self.clock.advance(2)  # the first message's 5 s are over: nothing for the second
+        self.assertEqual(len(connection.sent), 2)
+        self.clock.advance(2.9)
+        self.assertEqual(len(connection.sent), 2)
+        self.clock.advance(0.1)  # 5 s after the second message went
+        self.assertEqual(len(connection.sent), 3)
+        self.assertEqual(connection.sent[2].msg_id, connection.sent[1].msg_id)
+
     def test_backoff_lets_other_objects_through(self) -> None:
         connection = self.connect("edge-1")
         self.upstream.send("edge-1", pod_message("u1", "1", "insert"))
