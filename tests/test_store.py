@@ -182,6 +182,37 @@ class SyncStoreBehaviour:
         self.assertEqual(store.load(), [])
         self.assertEqual(await store.records(), [])
 
+    async def test_awkward_text_kept_exactly(self) -> None:
+        """NUL, line separators, quotes, backslashes, non-BMP characters, escapes that look
+        like JSON: in every column and every kind of write, stored and read back as given."""
+        odd = ['a\x00b', "\u2028é😀", '\\"\'', "\\u0000", "plain", "x\x00"]
+        store = self.make_store()
+        expected = {}
+        for i, text in enumerate(odd):
+            node, uid = f"n{text}", f"u{text}{i}"
+            sent = message(uid, str(i + 1), name=f"p{text}")
+            store.put_pending(node, uid, sent, text, text, text)
+            expected[(node, uid)] = (text, sent, i + 1)
+        await store.flush()
+        for i, text in enumerate(odd):
+            store.note_attempt(f"n{text}", f"u{text}{i}", 3, f"error {text}")
+        first = f"n{odd[0]}", f"u{odd[0]}0"
+        store.acknowledged(*first, MAX_RV, deleted=False)
+        gone = f"n{odd[-1]}", f"u{odd[-1]}{len(odd) - 1}"
+        store.acknowledged(*gone, None, deleted=True)
+        await store.flush()
+        records = {(r.node_id, r.uid): r for r in await store.records()}
+        self.assertEqual(set(records), set(expected) - {gone})
+        for key, record in records.items():
+            text, sent, _ = expected[key]
+            self.assertEqual((record.kind, record.namespace, record.name), (text, text, text))
+            if key == first:  # an ACK clears attempts and the last error
+                self.assertEqual((record.pending, record.acked_version), (None, MAX_RV))
+                self.assertEqual(record.last_error, "")
+            else:
+                self.assertEqual(record.pending, sent)
+                self.assertEqual(record.last_error, f"error {text}")
+
     async def test_put_pending_round_trip(self) -> None:
         store = self.make_store()
         sent = put(store, "n1", "u1", "5")

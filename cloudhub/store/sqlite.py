@@ -18,6 +18,7 @@ Durability (``synchronous``):
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -78,10 +79,7 @@ _NAMES = (
     "last_error",
 )
 _DEFAULTS = ("", "null", "", "", None, None, 0, "")
-_UPSERT = (
-    f"INSERT INTO {_TABLE} (node_id, uid, {', '.join(_NAMES)}, seq) "
-    f"VALUES ({', '.join('?' * (len(_NAMES) + 3))}) ON CONFLICT (node_id, uid) DO UPDATE SET "
-)
+_UPSERT_INTO = f"INSERT INTO {_TABLE} (node_id, uid, {', '.join(_NAMES)}, seq)"
 _SELECT = (
     "SELECT node_id, uid, kind, namespace, name, resource, acked_version, pending, seq, "
     f"attempts, last_error FROM {_TABLE}"
@@ -156,38 +154,112 @@ class _Batch:
 # --- database work (writer thread, or startup) -------------------------------------------------
 
 
+def _columns(count: int) -> str:
+    """The first ``count`` elements of each ``json_each`` row, as SQL values."""
+    return ", ".join(f"json_extract(value, '$[{i}]')" for i in range(count))
+
+
+_DELETE = (
+    f"DELETE FROM {_TABLE} WHERE (node_id, uid) IN (SELECT {_columns(2)} FROM json_each(?))"
+)
+_DELETE_ROW = f"DELETE FROM {_TABLE} WHERE node_id = ? AND uid = ?"
+
+
+def _update_row_sql(columns: tuple[str, ...]) -> str:
+    assignments = ", ".join(f"{c} = ?" for c in columns)
+    return f"UPDATE {_TABLE} SET {assignments} WHERE node_id = ? AND uid = ?"
+
+
+def _upsert_row_sql(columns: tuple[str, ...]) -> str:
+    return (
+        f"{_UPSERT_INTO} VALUES ({', '.join('?' * (len(_NAMES) + 3))}) "
+        "ON CONFLICT (node_id, uid) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in columns)
+    )
+
+
+def _update_sql(columns: tuple[str, ...]) -> str:
+    # Each row: the values of ``columns``, then node_id and uid.
+    values = ", ".join(f"{c} = j.c{i}" for i, c in enumerate(columns))
+    extracted = ", ".join(
+        f"json_extract(value, '$[{i}]') AS c{i}" for i in range(len(columns))
+    )
+    n = len(columns)
+    return (
+        f"UPDATE {_TABLE} SET {values} FROM (SELECT {extracted}, "
+        f"json_extract(value, '$[{n}]') AS node_id, json_extract(value, '$[{n + 1}]') AS uid "
+        f"FROM json_each(?)) AS j WHERE {_TABLE}.node_id = j.node_id AND {_TABLE}.uid = j.uid"
+    )
+
+
+def _upsert_sql(columns: tuple[str, ...]) -> str:
+    # Each row: node_id, uid, every _NAMES column, seq. WHERE true: SQLite's parser needs it
+    # between a SELECT and ON CONFLICT.
+    return (
+        f"{_UPSERT_INTO} SELECT {_columns(len(_NAMES) + 3)} FROM json_each(?) WHERE true "
+        "ON CONFLICT (node_id, uid) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in columns)
+    )
+
+
 def _write_batch(conn: sqlite3.Connection, changes: dict[Key, _Change]) -> None:
-    """Apply one batch in one transaction. Runs in the writer thread; reads ``changes`` only."""
+    """Apply one batch in one transaction. Runs in the writer thread; reads ``changes`` only.
+
+    Each group of rows goes to SQLite as one JSON array (``json_each``), one statement per
+    group: ``executemany`` would take and release the GIL for every row, and with a busy
+    reactor thread each take waits for its switch interval (measured: a 5,000-row batch took
+    6 s instead of 17 ms).
+    """
     deletes: list[Key] = []
-    updates: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-    upserts: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    updates: dict[tuple[str, ...], list[list[Any]]] = {}
+    upserts: dict[tuple[str, ...], list[list[Any]]] = {}
     for key, change in changes.items():
         if change.delete:
             deletes.append(key)
         elif change.update:
             fields = change.update
-            updates.setdefault(tuple(fields), []).append((*fields.values(), *key))
+            updates.setdefault(tuple(fields), []).append([*fields.values(), *key])
         if change.upsert is not None:
             fields = change.upsert
-            row = (*key, *map(fields.get, _NAMES, _DEFAULTS), fields.get("seq", change.insert_seq))
+            row = [*key, *map(fields.get, _NAMES, _DEFAULTS), fields.get("seq", change.insert_seq)]
             upserts.setdefault(tuple(fields), []).append(row)
     # Steps of one key run in order (delete, update, upsert); different keys are independent.
     # Rows are grouped by the columns they set (in the order the writes set them).
     conn.execute("BEGIN IMMEDIATE")
     try:
         if deletes:
-            conn.executemany(f"DELETE FROM {_TABLE} WHERE node_id = ? AND uid = ?", deletes)
+            _apply(conn, _DELETE, _DELETE_ROW, deletes)
         for columns, rows in updates.items():
-            assignments = ", ".join(f"{c} = ?" for c in columns)
-            conn.executemany(
-                f"UPDATE {_TABLE} SET {assignments} WHERE node_id = ? AND uid = ?", rows
-            )
+            _apply(conn, _update_sql(columns), _update_row_sql(columns), rows)
         for columns, rows in upserts.items():
-            conn.executemany(_UPSERT + ", ".join(f"{c} = excluded.{c}" for c in columns), rows)
+            _apply(conn, _upsert_sql(columns), _upsert_row_sql(columns), rows)
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
         raise
+
+
+def _apply(conn: sqlite3.Connection, json_sql: str, row_sql: str, rows: list[Any]) -> None:
+    """``json_sql`` over all ``rows`` at once; rows holding a NUL character go one by one
+    through ``row_sql`` instead, since SQLite's JSON functions end a string at a NUL."""
+    text = _json(rows)
+    if "u0000" in text:  # perhaps an escaped NUL; a precise look, rarely needed
+        with_nul = [row for row in rows if _has_nul(row)]
+        if with_nul:
+            conn.executemany(row_sql, with_nul)
+            rows = [row for row in rows if not _has_nul(row)]
+            if not rows:
+                return
+            text = _json(rows)
+    conn.execute(json_sql, (text,))
+
+
+def _has_nul(row: Any) -> bool:
+    return any(value.__class__ is str and "\x00" in value for value in row)
+
+
+def _json(rows: list[Any]) -> str:
+    return json.dumps(rows, ensure_ascii=False, check_circular=False)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
