@@ -42,6 +42,29 @@ def backoff_delay(failures: int) -> float:
 class NodeSession:
     """The life of one connection of one node; the node's :class:`NodeQueue` outlives it."""
 
+    # Slots: one of these per connected node, 10,000 of them on a busy hub.
+    __slots__ = (
+        "connection",
+        "node_id",
+        "queue",
+        "reactor",
+        "keepalive_interval",
+        "retransmit_interval",
+        "max_transmissions",
+        "_on_expired",
+        "connected_at",
+        "last_keepalive",
+        "in_flight",
+        "_in_flight_msg_id",
+        "_watchdog",
+        "_retransmit",
+        "_retransmit_due",
+        "_wakeup",
+        "active",
+        "stats",
+        "_first_sent_at",
+    )
+
     def __init__(
         self,
         connection: IConnection,

@@ -267,6 +267,15 @@ class HandshakeUnitTests(SynchronousTestCase):
         self.assertEqual(connection.peer, "10.0.0.5:40000")
         self.assertTrue(connection.is_open)
 
+    def test_handshake_text_released_once_open(self) -> None:
+        """An idle node does not keep its upgrade request and response (memory per node)."""
+        unit = Unit(RecordingHandler())
+        protocol, _ = unit.connect(EDGECORE_REQUEST)
+        self.assertEqual(
+            (protocol.http_headers, protocol.http_request_data, protocol.http_response_data),
+            ({}, b"", ""),
+        )
+
     def test_header_case_and_path_do_not_matter(self) -> None:
         handler = RecordingHandler()
         request = upgrade_request(None, b"NODE_ID: n-7\r\nproject_ID: p\r\n")

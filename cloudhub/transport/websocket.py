@@ -312,6 +312,10 @@ class WebSocketHubProtocol(LeanProtocolMixin, WebSocketServerProtocol):  # type:
             self.close_with(CLOSE_INTERNAL_ERROR, "internal error")
             return
         self.in_session = True
+        # The upgrade request and response are read; ~2 KB a node while it stays connected.
+        self.http_headers = {}
+        self.http_request_data = b""
+        self.http_response_data = ""
         log.debug(
             "node {node} connected over WebSocket from {peer} (project {project})",
             node=connection.node_id,
