@@ -47,6 +47,7 @@ from cloudhub.transport.quic import (
     QuicHubProtocol,
     QuicStreamError,
     check_aioquic,
+    check_protobuf,
     header_message,
     parse_header_message,
 )
@@ -258,6 +259,20 @@ class AioquicInternalsTests(SynchronousTestCase):
             check_aioquic()
         self.assertIn("_request_client_certificate", str(caught.exception))
         self.assertIn("aioquic>=1.7,<1.8", str(caught.exception))
+
+    def test_protobuf_runtime_is_upb(self) -> None:
+        check_protobuf()
+
+    def test_quic_refuses_pure_python_protobuf(self) -> None:
+        """PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python: the QUIC listener is not built."""
+        from cloudhub.config import parse_config
+
+        self.patch(quic_module, "protobuf_backend", lambda: "python")
+        config = parse_config({"cloudHub": {"quic": {"enable": True}}})
+        with self.assertRaises(CloudHubError) as caught:
+            quic_module.quic_listener(config, None, None, None)  # type: ignore[arg-type]
+        self.assertIn("upb", str(caught.exception))
+        self.assertIn("'python'", str(caught.exception))
 
     def test_check_fails_without_stream_limits(self) -> None:
         class Connection(QuicConnection):

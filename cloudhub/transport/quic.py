@@ -116,7 +116,7 @@ from cloudhub.interfaces import (
 from cloudhub.listening import ListeningService
 from cloudhub.model import OP_HEADER, OP_RESPONSE, Message, new_response
 from cloudhub.transport.websocket import close_reason_bytes
-from cloudhub.wire import PackerDecoder, encode_frame, message_from_protobuf
+from cloudhub.wire import PackerDecoder, encode_frame, message_from_protobuf, protobuf_backend
 
 __all__ = [
     "ALPN",
@@ -127,6 +127,7 @@ __all__ = [
     "HeaderError",
     "HubQuicConnection",
     "MessageStreamReader",
+    "check_protobuf",
     "QuicHubConnection",
     "QuicHubProtocol",
     "QuicListeningService",
@@ -162,6 +163,22 @@ _FIRST_BYTE_LONG = 0x80
 
 
 # --- aioquic internals we depend on ---------------------------------------------------------
+
+
+def check_protobuf() -> None:
+    """Refuse to start QUIC on protobuf's pure-Python runtime.
+
+    Every QUIC message is a protobuf; the pure-Python runtime is ~27x slower than upb
+    (performance-notes.md), enough to turn a busy hub into a stalled one. It is what one gets
+    with ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python`` or on a platform without wheels.
+    """
+    backend = protobuf_backend()
+    if backend != "upb":
+        raise CloudHubError(
+            f"the QUIC transport needs protobuf's upb runtime, found {backend!r} (~27x slower); "
+            "unset PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION, or install a protobuf wheel for "
+            "this platform, or set cloudHub.quic.enable: false"
+        )
 
 
 def check_aioquic() -> None:
@@ -1165,6 +1182,7 @@ def quic_listener(
     validation with Retry packets (one more round trip per connection).
     """
     check_aioquic()
+    check_protobuf()
     settings = config.cloudhub.quic
     idle_timeout = max(60.0, 2.0 * config.cloudhub.keepalive_interval)
     protocol = QuicHubProtocol(
