@@ -19,6 +19,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import (
@@ -774,6 +775,14 @@ class IntegrationTests(TestCase):
         node.protocol.sendMessage(keepalive_payload("as-binary"), isBinary=True)  # type: ignore[union-attr]
         await self.handler.wait(lambda: len(self.handler.messages("edge-node-2")) == 2)
         self.assertEqual(self.handler.messages("edge-node-2")[1].msg_id, "as-binary")
+        # TLS writes go out with the factory's one flush per turn, without Twisted's own
+        # aggregation timer per connection (UnbufferedTLSFactory).
+        connection = self.handler.connection("edge-node-2")
+        tls = connection._protocol.transport
+        self.assertIs(type(tls), TLSMemoryBIOProtocol)
+        connection.send_message(self.handler.messages("edge-node-2")[0])
+        connection._protocol.flush()
+        self.assertEqual(len(tls._appSendBuffer), 0)
         await node.stop()
         await self.handler.wait(lambda: bool(self.handler.of("lost")))
 
