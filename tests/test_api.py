@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -846,6 +846,51 @@ class BatchTests(ApiTestCase):
         self.assertIn("line 3", reply.json["results"][2]["error"])
         self.assertEqual(len(await self.objects("edge-9")), 3)
 
+    async def test_sliced_across_reactor_turns_in_order(self) -> None:
+        """A batch bigger than a slice: results in entry order, versions of one object judged
+        in order across slices, other work served between slices."""
+        from cloudhub import api as api_module
+
+        self.patch(api_module, "BATCH_SLICE", 2)
+        await self.start_hub()
+        turns = []
+        ticker = LoopingCall(lambda: turns.append(1))
+        ticker.start(0, now=False)
+        self.addCleanup(ticker.stop)
+        upstream = self.hub.upstream
+        send_many = upstream.send_many
+        slices_at: list[int] = []  # reactor turns seen when each slice was handed in
+
+        def recording_send_many(entries: Any) -> Any:
+            slices_at.append(len(turns))
+            return send_many(entries)
+
+        self.patch(upstream, "send_many", recording_send_many)
+        entries = [
+            {"node": "edge-3", "message": pod_body("uid-x", str(rv), "update", name="x")}
+            for rv in (1, 3, 2, 4, 4)
+        ] + ["bad", {"node": "edge-3", "message": pod_body("uid-y", "1", name="y")}]
+        for body, ndjson in ((entries, False), (_ndjson(entries), True)):
+            turns.clear()
+            slices_at.clear()
+            headers = {b"content-type": b"application/x-ndjson"} if ndjson else None
+            if ndjson:  # same versions again: stale now, except what is newer
+                body = _ndjson(
+                    [{"node": "edge-3", "message": pod_body("uid-x", "5", "update", name="x")}]
+                    + entries[1:]
+                )
+            reply = await self.call(b"POST", "/v1/messages", body, headers=headers)
+            self.assertEqual(reply.code, 200, reply.body)
+            statuses = [r["status"] for r in reply.json["results"]]
+            if ndjson:
+                expected = ["accepted", "stale", "stale", "stale", "stale", "invalid", "stale"]
+            else:
+                expected = ["accepted", "accepted", "stale", "accepted", "stale", "invalid",
+                            "accepted"]
+            self.assertEqual(statuses, expected)
+            self.assertEqual(len(slices_at), 4)  # 7 entries, 2 a slice
+            self.assertEqual(slices_at, sorted(set(slices_at)))  # a reactor turn between
+
     async def test_not_an_array_is_400(self) -> None:
         await self.start_hub()
         reply = await self.call(b"POST", "/v1/messages", {"node": "x"})
@@ -862,3 +907,7 @@ class BatchTests(ApiTestCase):
         # The hub goes on serving.
         reply = await self.call(b"POST", "/v1/messages", [entry])
         self.assertEqual(reply.json["accepted"], 1)
+
+
+def _ndjson(entries: list[Any]) -> bytes:
+    return "\n".join(json.dumps(entry) for entry in entries).encode()
