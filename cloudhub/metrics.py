@@ -18,12 +18,18 @@ monitor package) is kept too, so existing dashboards work.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.web import http
@@ -34,7 +40,13 @@ if TYPE_CHECKING:
     from cloudhub.certs.web import CertificateCounters
     from cloudhub.handler import MessageHandle
 
-__all__ = ["ACK_LATENCY_BUCKETS", "HubCollector", "HubMetrics", "MetricsResource"]
+__all__ = [
+    "ACK_LATENCY_BUCKETS",
+    "HubCollector",
+    "HubMetrics",
+    "LatencyHistogram",
+    "MetricsResource",
+]
 
 # 100 µs (an edge on loopback) to 60 s (retransmissions every 5 s, §6.4).
 ACK_LATENCY_BUCKETS = (
@@ -194,6 +206,35 @@ class MetricsResource(Resource):
         return body
 
 
+class LatencyHistogram(Collector):
+    """The ACK latency histogram, counted the cheap way and exported at scrape time.
+
+    ``observe`` runs once per acknowledged message on the reactor thread: a bisect and two
+    additions, where ``prometheus_client.Histogram.observe`` takes a lock per call (~4 µs).
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative = 0
+        buckets = []
+        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
+            self.name, self.documentation, buckets=buckets, sum_value=self.sum
+        )
+
+
 class HubMetrics:
     """The metrics of one hub: a registry, the collector, the ACK latency histogram.
 
@@ -207,13 +248,13 @@ class HubMetrics:
         self.handle = handle
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(HubCollector(handle, certificates))
-        self.ack_latency = Histogram(
+        self.ack_latency = LatencyHistogram(
             "cloudhub_ack_latency_seconds",
             "Time from the first transmission of an ACK-mode message (in its current round of "
             "retries) to the edge's ACK",
-            buckets=ACK_LATENCY_BUCKETS,
-            registry=self.registry,
+            ACK_LATENCY_BUCKETS,
         )
+        self.registry.register(self.ack_latency)
         self._observe = self.ack_latency.observe
         handle.stats.ack_latency_observers.append(self._observe)
 

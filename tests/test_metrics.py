@@ -167,10 +167,18 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(value(found, "cloudhub_ack_latency_seconds_count"), 2)
         self.assertEqual(value(found, "cloudhub_ack_latency_seconds_bucket", le="0.005"), 1)
         self.assertEqual(value(found, "cloudhub_ack_latency_seconds_bucket", le="60.0"), 2)
+        # On a bound counts as "le" that bound; above the last bound only in +Inf.
+        self.handle.stats.observe_ack_latency(0.005)
+        self.handle.stats.observe_ack_latency(61.0)
+        found = self.scrape()
+        self.assertEqual(value(found, "cloudhub_ack_latency_seconds_bucket", le="0.005"), 2)
+        self.assertEqual(value(found, "cloudhub_ack_latency_seconds_bucket", le="60.0"), 3)
+        self.assertEqual(value(found, "cloudhub_ack_latency_seconds_bucket", le="+Inf"), 4)
+        self.assertAlmostEqual(value(found, "cloudhub_ack_latency_seconds_sum"), 106.008)
         self.metrics.close()
         self.assertEqual(self.handle.stats.ack_latency_observers, [])
         self.handle.stats.observe_ack_latency(1.0)
-        self.assertEqual(value(self.scrape(), "cloudhub_ack_latency_seconds_count"), 2)
+        self.assertEqual(value(self.scrape(), "cloudhub_ack_latency_seconds_count"), 4)
 
     def test_one_registry_per_hub_and_none_global(self) -> None:
         other = HubMetrics(MessageHandle(self.clock))
