@@ -162,6 +162,10 @@ class ConnectTests(SynchronousTestCase):
         )
         self.assertEqual(request, EDGECORE_REQUEST)
         self.assertFalse(harness.node.connected)
+        # The factory's options are read from the protocol class, not copied per connection.
+        protocol = harness.node.protocol or harness.node._attempt
+        self.assertNotIn("maxFramePayloadSize", vars(protocol))
+        self.assertEqual((protocol.maxFramePayloadSize, protocol.failByDrop), (0, True))
 
     def test_project_id_and_ipv6(self) -> None:
         reactor = MemoryReactorClock()

@@ -53,6 +53,7 @@ from cloudhub.model import Message, new_keepalive
 from cloudhub.transport.websocket import (
     WebSocketConnection,
     WebSocketHubFactory,
+    WebSocketHubProtocol,
     masked_text_frame,
     text_frame,
     text_frame_header,
@@ -330,6 +331,15 @@ class HandshakeUnitTests(SynchronousTestCase):
         protocol, _ = unit.connect(b"")
         self.assertEqual(len(unit.clock.getDelayedCalls()), 1)  # the open handshake timeout
         self.assertRaises(TypeError, WebSocketHubFactory, RecordingHandler())
+        # The connection sees the factory's options without a copy of its own (CPU and
+        # memory per connection: with_factory_options).
+        self.assertIsInstance(protocol, WebSocketHubProtocol)
+        for name in ("maxMessagePayloadSize", "maxFramePayloadSize", "openHandshakeTimeout",
+                     "failByDrop", "perMessageCompressionAccept", "autoPingInterval"):
+            self.assertNotIn(name, vars(protocol))
+        self.assertEqual((protocol.maxMessagePayloadSize, protocol.maxFramePayloadSize),
+                         (4096, 4096))
+        self.assertIsNone(protocol.perMessageCompressionAccept([object()]))
 
     def test_open_handshake_timeout(self) -> None:
         """A connection that never finishes the upgrade is dropped after 30 s (on the

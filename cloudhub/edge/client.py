@@ -58,6 +58,7 @@ from cloudhub.transport.websocket import (
     ReactorTimer,
     close_reason_bytes,
     masked_text_frame,
+    with_factory_options,
 )
 from cloudhub.wire import decode, encode
 
@@ -98,6 +99,7 @@ def edge_client_factory(reactor: Reactor) -> WebSocketClientFactory:
         autoPingTimeout=0,
         perMessageCompressionOffers=[],
     )
+    factory.protocol = with_factory_options(_EdgeProtocol, factory)
     return factory
 
 
@@ -216,8 +218,10 @@ class _ConnectFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> _EdgeProtocol:
         node = self.node
-        protocol = _EdgeProtocol()
-        protocol.factory = node._ws_factory
+        ws_factory = node._ws_factory
+        made = ws_factory.protocol
+        protocol = made() if issubclass(made, _EdgeProtocol) else _EdgeProtocol()
+        protocol.factory = ws_factory
         protocol.node = node
         node._attempt = protocol
         return protocol
