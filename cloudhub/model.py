@@ -7,8 +7,8 @@ hub reads a few fields of many messages; the nesting of the wire format is the c
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -56,7 +56,19 @@ def now_ms() -> int:
 
 
 def new_msg_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID in its text form, as KubeEdge's ``uuid.New().String()``.
+
+    Formatted directly: ``str(uuid.uuid4())`` costs twice as much, once per message sent.
+    """
+    value = int.from_bytes(os.urandom(16), "big")
+    value = (value & _UUID_CLEAR) | _UUID_V4_RFC4122
+    digits = f"{value:032x}"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+# Version 4 in bits 76-79, the RFC 4122 variant (0b10) in bits 62-63 (uuid.UUID's layout).
+_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID_V4_RFC4122 = (0x4000 << 64) | (0x8000 << 48)
 
 
 @dataclass(slots=True)

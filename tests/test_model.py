@@ -34,6 +34,17 @@ class MessageTests(SynchronousTestCase):
         self.assertLess(msg.timestamp - before, 60_000)
         self.assertEqual(msg.parent_msg_id, "")
 
+    def test_msg_ids_are_canonical_random_uuid4s(self) -> None:
+        ids = [model.new_msg_id() for _ in range(2000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        for text in ids:
+            parsed = uuid.UUID(text)
+            self.assertEqual((parsed.version, parsed.variant), (4, uuid.RFC_4122))
+            self.assertEqual(str(parsed), text)  # lower case, dashes where uuid puts them
+        # Every hex digit outside the version and variant positions varies.
+        for position in (0, 7, 9, 15, 20, 35):
+            self.assertGreater(len({text[position] for text in ids}), 8)
+
     def test_response_copies_route_and_points_at_original(self) -> None:
         original = Message.new("edged", "meta", "query", "default/configmap/c", None)
         original.type = "t"
