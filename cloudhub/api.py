@@ -838,9 +838,7 @@ class ApiResource(Resource):
             try:
                 outcomes = self.upstream.send_many(valid)
             except StoreError as e:
-                raise ApiError(
-                    http.SERVICE_UNAVAILABLE, f"sync store unavailable: {e}"
-                ) from None
+                raise ApiError(http.SERVICE_UNAVAILABLE, f"sync store unavailable: {e}") from None
             for index, (_, message), refused in zip(positions, valid, outcomes, strict=True):
                 if refused is None:
                     accepted += 1

@@ -24,10 +24,10 @@ from cloudhub.certs.tls import server_tls_options
 from cloudhub.certs.token import TokenIssuer
 from cloudhub.certs.web import certificate_site
 from cloudhub.config import HubConfig
+from cloudhub.gctuning import GarbageCollectorTuning
 from cloudhub.handler import MessageHandle
 from cloudhub.interfaces import CLOSE_GOING_AWAY
 from cloudhub.listening import ListeningService
-from cloudhub.gctuning import GarbageCollectorTuning
 from cloudhub.metrics import HubMetrics
 from cloudhub.store import open_store
 from cloudhub.upstream import Upstream

@@ -885,8 +885,15 @@ class BatchTests(ApiTestCase):
             if ndjson:
                 expected = ["accepted", "stale", "stale", "stale", "stale", "invalid", "stale"]
             else:
-                expected = ["accepted", "accepted", "stale", "accepted", "stale", "invalid",
-                            "accepted"]
+                expected = [
+                    "accepted",
+                    "accepted",
+                    "stale",
+                    "accepted",
+                    "stale",
+                    "invalid",
+                    "accepted",
+                ]
             self.assertEqual(statuses, expected)
             self.assertEqual(len(slices_at), 4)  # 7 entries, 2 a slice
             self.assertEqual(slices_at, sorted(set(slices_at)))  # a reactor turn between

@@ -485,8 +485,7 @@ class ConcurrentStartTests(SynchronousTestCase):
             barrier = context.Barrier(2)
             results = context.Queue()
             processes = [
-                context.Process(target=_start_hub, args=(base, barrier, results))
-                for _ in range(2)
+                context.Process(target=_start_hub, args=(base, barrier, results)) for _ in range(2)
             ]
             for p in processes:
                 p.start()

@@ -185,7 +185,7 @@ class SyncStoreBehaviour:
     async def test_awkward_text_kept_exactly(self) -> None:
         """NUL, line separators, quotes, backslashes, non-BMP characters, escapes that look
         like JSON: in every column and every kind of write, stored and read back as given."""
-        odd = ['a\x00b', "\u2028é😀", '\\"\'', "\\u0000", "plain", "x\x00"]
+        odd = ["a\x00b", "\u2028é😀", "\\\"'", "\\u0000", "plain", "x\x00"]
         store = self.make_store()
         expected = {}
         for i, text in enumerate(odd):

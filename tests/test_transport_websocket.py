@@ -19,7 +19,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import (
@@ -31,6 +30,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -334,11 +334,18 @@ class HandshakeUnitTests(SynchronousTestCase):
         # The connection sees the factory's options without a copy of its own (CPU and
         # memory per connection: with_factory_options).
         self.assertIsInstance(protocol, WebSocketHubProtocol)
-        for name in ("maxMessagePayloadSize", "maxFramePayloadSize", "openHandshakeTimeout",
-                     "failByDrop", "perMessageCompressionAccept", "autoPingInterval"):
+        for name in (
+            "maxMessagePayloadSize",
+            "maxFramePayloadSize",
+            "openHandshakeTimeout",
+            "failByDrop",
+            "perMessageCompressionAccept",
+            "autoPingInterval",
+        ):
             self.assertNotIn(name, vars(protocol))
-        self.assertEqual((protocol.maxMessagePayloadSize, protocol.maxFramePayloadSize),
-                         (4096, 4096))
+        self.assertEqual(
+            (protocol.maxMessagePayloadSize, protocol.maxFramePayloadSize), (4096, 4096)
+        )
         self.assertIsNone(protocol.perMessageCompressionAccept([object()]))
 
     def test_open_handshake_timeout(self) -> None:

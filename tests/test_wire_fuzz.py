@@ -31,30 +31,85 @@ SEED = 0x5EED_C10D
 INPUTS_PER_DECODER = 10_000
 
 POD = {
-    "apiVersion": "v1", "kind": "Pod",
-    "metadata": {"name": "nginx", "namespace": "default", "uid": "6f1a5c2e",
-                 "resourceVersion": "12345", "labels": {"app": "nginx"}},
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {
+        "name": "nginx",
+        "namespace": "default",
+        "uid": "6f1a5c2e",
+        "resourceVersion": "12345",
+        "labels": {"app": "nginx"},
+    },
     "spec": {"nodeName": "edge-node-1", "containers": [{"name": "nginx", "image": "nginx:1.25"}]},
 }
 CORPUS = [
-    Message(msg_id="38093ac5-ce00-444e-aee8-875ca222eaef", timestamp=1795878356372,
-            source="websocket", group="resource", operation="keepalive", resource="node",
-            content="ping"),
-    Message(msg_id="93d202e2", parent_msg_id="83f9679b", timestamp=1795878376381,
-            source="edgecontroller", group="resource", operation="response",
-            resource="default/pod/nginx", content="OK"),
-    Message(msg_id="83f9679b", timestamp=1795878376375, resource_version="12345",
-            source="edgecontroller", group="resource", operation="insert",
-            resource="default/pod/nginx", content=POD),
+    Message(
+        msg_id="38093ac5-ce00-444e-aee8-875ca222eaef",
+        timestamp=1795878356372,
+        source="websocket",
+        group="resource",
+        operation="keepalive",
+        resource="node",
+        content="ping",
+    ),
+    Message(
+        msg_id="93d202e2",
+        parent_msg_id="83f9679b",
+        timestamp=1795878376381,
+        source="edgecontroller",
+        group="resource",
+        operation="response",
+        resource="default/pod/nginx",
+        content="OK",
+    ),
+    Message(
+        msg_id="83f9679b",
+        timestamp=1795878376375,
+        resource_version="12345",
+        source="edgecontroller",
+        group="resource",
+        operation="insert",
+        resource="default/pod/nginx",
+        content=POD,
+    ),
     Message(),
-    Message(msg_id="é<&>\u2028", timestamp=-(2**63), parent_msg_id="p", resource_version="1",
-            sync=True, type="t", source="s", destination="d", group="g", operation="o",
-            resource="r", content=[1, -2.5e-300, None, True, {"漢": "😀"}, []]),
+    Message(
+        msg_id="é<&>\u2028",
+        timestamp=-(2**63),
+        parent_msg_id="p",
+        resource_version="1",
+        sync=True,
+        type="t",
+        source="s",
+        destination="d",
+        group="g",
+        operation="o",
+        resource="r",
+        content=[1, -2.5e-300, None, True, {"漢": "😀"}, []],
+    ),
 ]
 JSON_PALETTE = b'{}[]":,\\ \n0123456789.eE+-tfnrulsa\x00\x7f\x80\xbf\xc0\xe2\xed\xf0\xff'
 WRONG_VALUES: list[Any] = [
-    None, True, False, 0, -1, 1.5, 1.0, 1e300, 2**63, -(2**63) - 1, 2**200, "", "x", "1",
-    [], [1], {}, {"a": 1}, "\u2028", "\ud800",
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1.5,
+    1.0,
+    1e300,
+    2**63,
+    -(2**63) - 1,
+    2**200,
+    "",
+    "x",
+    "1",
+    [],
+    [1],
+    {},
+    {"a": 1},
+    "\u2028",
+    "\ud800",
 ]
 HEADER_KEYS = ["msg_id", "parent_msg_id", "timestamp", "resourceversion", "sync", "type"]
 ROUTE_KEYS = ["source", "destination", "group", "operation", "resource"]
@@ -67,7 +122,7 @@ def mutate_bytes(rng: random.Random, data: bytes, palette: bytes, others: list[b
         size = len(buffer)
         kind = rng.randrange(7)
         if kind == 0 and size:  # truncate
-            del buffer[rng.randrange(size):]
+            del buffer[rng.randrange(size) :]
         elif kind == 1 and size:  # flip bits
             for _ in range(rng.randint(1, 4)):
                 buffer[rng.randrange(size)] ^= 1 << rng.randrange(8)
@@ -76,13 +131,13 @@ def mutate_bytes(rng: random.Random, data: bytes, palette: bytes, others: list[b
             buffer[at:at] = bytes(rng.choice(palette) for _ in range(rng.randint(1, 8)))
         elif kind == 3 and size:  # delete a slice
             start = rng.randrange(size)
-            del buffer[start:start + rng.randint(1, 16)]
+            del buffer[start : start + rng.randint(1, 16)]
         elif kind == 4 and size:  # repeat a slice
             start = rng.randrange(size)
-            buffer[start:start] = buffer[start:start + rng.randint(1, 32)] * rng.randint(1, 4)
+            buffer[start:start] = buffer[start : start + rng.randint(1, 32)] * rng.randint(1, 4)
         elif kind == 5:  # splice with another valid encoding
             other = rng.choice(others)
-            buffer = buffer[: rng.randint(0, size)] + other[rng.randint(0, len(other)):]
+            buffer = buffer[: rng.randint(0, size)] + other[rng.randint(0, len(other)) :]
         else:  # overwrite a byte
             if size:
                 buffer[rng.randrange(size)] = rng.choice(palette)
@@ -172,8 +227,9 @@ def fuzz(
             if len(unexpected) < 5:
                 unexpected.append(f"{type(error).__name__}: {error} for {data[:200]!r}")
     if unexpected:
-        case.fail(f"seed {SEED:#x}: decoders raised other than DecodeError:\n"
-                  + "\n".join(unexpected))
+        case.fail(
+            f"seed {SEED:#x}: decoders raised other than DecodeError:\n" + "\n".join(unexpected)
+        )
     case.assertGreaterEqual(rejected, rejections, f"only {rejected} of {tried} inputs malformed")
     return tried, rejected
 

@@ -24,8 +24,13 @@ BLANK = b'{"header":{"msg_id":"","timestamp":0},"route":{},"content":null}\n'
 
 def keepalive() -> Message:
     return Message(
-        msg_id=ID, timestamp=1700000000000, source="websocket", group="resource",
-        operation="keepalive", resource="node", content="ping",
+        msg_id=ID,
+        timestamp=1700000000000,
+        source="websocket",
+        group="resource",
+        operation="keepalive",
+        resource="node",
+        content="ping",
     )
 
 
@@ -44,14 +49,18 @@ def go_marshal(msg: Message) -> bytes:
     route = {
         key: value
         for key, value in (
-            ("source", msg.source), ("destination", msg.destination), ("group", msg.group),
-            ("operation", msg.operation), ("resource", msg.resource),
+            ("source", msg.source),
+            ("destination", msg.destination),
+            ("group", msg.group),
+            ("operation", msg.operation),
+            ("resource", msg.resource),
         )
         if value
     }
     text = json.dumps(
         {"header": header, "route": route, "content": msg.content},
-        ensure_ascii=False, separators=(",", ":"),
+        ensure_ascii=False,
+        separators=(",", ":"),
     )
     for char in "<>&\u2028\u2029":
         text = text.replace(char, f"\\u{ord(char):04x}")
@@ -59,20 +68,32 @@ def go_marshal(msg: Message) -> bytes:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 texts = st.text(max_size=40) | st.sampled_from(
-    ["", "a<b>&c", "\u2028\u2029", "é漢字😀", "\x00\x1f\"\\"]
+    ["", "a<b>&c", "\u2028\u2029", "é漢字😀", '\x00\x1f"\\']
 )
 messages = st.builds(
     Message,
-    msg_id=texts, timestamp=st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    parent_msg_id=texts, resource_version=texts, sync=st.booleans(), type=texts,
-    source=texts, destination=texts, group=texts, operation=texts, resource=texts,
+    msg_id=texts,
+    timestamp=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    parent_msg_id=texts,
+    resource_version=texts,
+    sync=st.booleans(),
+    type=texts,
+    source=texts,
+    destination=texts,
+    group=texts,
+    operation=texts,
+    resource=texts,
     content=json_values,
 )
 
@@ -87,8 +108,17 @@ class EncodeTests(SynchronousTestCase):
 
     def test_key_order_and_omitempty(self) -> None:
         msg = Message(
-            msg_id="i", timestamp=5, parent_msg_id="p", resource_version="7", sync=True,
-            type="t", source="s", destination="d", group="g", operation="o", resource="r",
+            msg_id="i",
+            timestamp=5,
+            parent_msg_id="p",
+            resource_version="7",
+            sync=True,
+            type="t",
+            source="s",
+            destination="d",
+            group="g",
+            operation="o",
+            resource="r",
             content={"z": 1, "a": [True, None, 1.5]},
         )
         self.assertEqual(
@@ -100,13 +130,18 @@ class EncodeTests(SynchronousTestCase):
 
     def test_route_keeps_commas_right_whichever_fields_are_set(self) -> None:
         self.assertIn(b'"route":{"group":"g"}', encode(Message(group="g")))
-        self.assertIn(b'"route":{"operation":"o","resource":"r"}',
-                      encode(Message(operation="o", resource="r")))
+        self.assertIn(
+            b'"route":{"operation":"o","resource":"r"}',
+            encode(Message(operation="o", resource="r")),
+        )
         self.assertIn(b'"route":{"destination":"d"}', encode(Message(destination="d")))
 
     def test_msg_id_and_timestamp_are_never_omitted(self) -> None:
-        self.assertTrue(encode(Message(content=1)).startswith(
-            b'{"header":{"msg_id":"","timestamp":0},"route":{}'))
+        self.assertTrue(
+            encode(Message(content=1)).startswith(
+                b'{"header":{"msg_id":"","timestamp":0},"route":{}'
+            )
+        )
 
     def test_html_characters_are_escaped_like_go(self) -> None:
         data = encode(Message(resource="a<b>&c", content={"<k>": "x&y\u2028\u2029"}))
@@ -153,8 +188,15 @@ class DecodeTests(SynchronousTestCase):
         self.assertEqual(decode(KEEPALIVE), keepalive())
 
     def test_text_binary_with_or_without_newline(self) -> None:
-        for data in (KEEPALIVE, KEEPALIVE[:-1], KEEPALIVE.decode(), KEEPALIVE[:-1].decode(),
-                     bytearray(KEEPALIVE), memoryview(KEEPALIVE), b"  \r\n" + KEEPALIVE + b"\t "):
+        for data in (
+            KEEPALIVE,
+            KEEPALIVE[:-1],
+            KEEPALIVE.decode(),
+            KEEPALIVE[:-1].decode(),
+            bytearray(KEEPALIVE),
+            memoryview(KEEPALIVE),
+            b"  \r\n" + KEEPALIVE + b"\t ",
+        ):
             self.assertEqual(decode(data), keepalive())
 
     def test_blank_shutdown_message(self) -> None:
@@ -166,8 +208,10 @@ class DecodeTests(SynchronousTestCase):
         self.assertEqual(decode(b"{}"), Message())
         self.assertEqual(decode(b'{"header":null,"route":null,"content":null}'), Message())
         self.assertEqual(
-            decode(b'{"header":{"msg_id":null,"timestamp":null,"sync":null,"type":null},'
-                   b'"route":{"source":null}}'),
+            decode(
+                b'{"header":{"msg_id":null,"timestamp":null,"sync":null,"type":null},'
+                b'"route":{"source":null}}'
+            ),
             Message(),
         )
 
@@ -177,22 +221,38 @@ class DecodeTests(SynchronousTestCase):
             '"sync":true,"type":"t"},"route":{"source":"s","destination":"d","group":"g",'
             '"operation":"o","resource":"r"},"content":{"a":[1,2.5,"\\u003c"]}}'
         )
-        self.assertEqual(msg, Message(
-            msg_id="i", timestamp=-5, parent_msg_id="p", resource_version="7", sync=True,
-            type="t", source="s", destination="d", group="g", operation="o", resource="r",
-            content={"a": [1, 2.5, "<"]},
-        ))
+        self.assertEqual(
+            msg,
+            Message(
+                msg_id="i",
+                timestamp=-5,
+                parent_msg_id="p",
+                resource_version="7",
+                sync=True,
+                type="t",
+                source="s",
+                destination="d",
+                group="g",
+                operation="o",
+                resource="r",
+                content={"a": [1, 2.5, "<"]},
+            ),
+        )
 
     def test_unknown_keys_are_ignored(self) -> None:
-        msg = decode(b'{"header":{"msg_id":"x","timestamp":1,"extra":[1]},"route":{"what":{}},'
-                     b'"more":true,"content":"c"}')
+        msg = decode(
+            b'{"header":{"msg_id":"x","timestamp":1,"extra":[1]},"route":{"what":{}},'
+            b'"more":true,"content":"c"}'
+        )
         self.assertEqual(msg, Message(msg_id="x", timestamp=1, content="c"))
 
     def test_int64_bounds(self) -> None:
-        self.assertEqual(decode(b'{"header":{"timestamp":9223372036854775807}}').timestamp,
-                         2**63 - 1)
-        self.assertEqual(decode(b'{"header":{"timestamp":-9223372036854775808}}').timestamp,
-                         -(2**63))
+        self.assertEqual(
+            decode(b'{"header":{"timestamp":9223372036854775807}}').timestamp, 2**63 - 1
+        )
+        self.assertEqual(
+            decode(b'{"header":{"timestamp":-9223372036854775808}}').timestamp, -(2**63)
+        )
         for value in (b"9223372036854775808", b"-9223372036854775809"):
             error = self.assertRaises(DecodeError, decode, b'{"header":{"timestamp":%s}}' % value)
             self.assertIn("header.timestamp", str(error))
@@ -229,9 +289,21 @@ class DecodeTests(SynchronousTestCase):
             self.assertIn("JSON object", str(error))
 
     def test_not_json(self) -> None:
-        for data in (b"", b"   ", b"{", b'{"a":}', b"{'a':1}", b"{} {}", b'{"a":1}x',
-                     b'{"content":NaN}', b'{"content":-Infinity}', b"\xef\xbb\xbf{}",
-                     b'{"content":"\x01"}', b"[" * 50_000, b'{"content":1' + b"0" * 5000 + b"}"):
+        for data in (
+            b"",
+            b"   ",
+            b"{",
+            b'{"a":}',
+            b"{'a':1}",
+            b"{} {}",
+            b'{"a":1}x',
+            b'{"content":NaN}',
+            b'{"content":-Infinity}',
+            b"\xef\xbb\xbf{}",
+            b'{"content":"\x01"}',
+            b"[" * 50_000,
+            b'{"content":1' + b"0" * 5000 + b"}",
+        ):
             error = self.assertRaises(DecodeError, decode, data)
             self.assertIn("not valid JSON", str(error))
 

@@ -33,8 +33,9 @@ class PackTests(SynchronousTestCase):
 class PackerDecoderTests(SynchronousTestCase):
     def test_whole_frames(self) -> None:
         decoder = PackerDecoder()
-        self.assertEqual(list(decoder.feed(pack(b"a") + pack(b"") + pack(b"bc"))),
-                         [b"a", b"", b"bc"])
+        self.assertEqual(
+            list(decoder.feed(pack(b"a") + pack(b"") + pack(b"bc"))), [b"a", b"", b"bc"]
+        )
         self.assertEqual(decoder.buffered, 0)
         decoder.finish()
 

@@ -66,8 +66,12 @@ def parse_proto(text: str) -> tuple[str, str, dict[str, dict[str, tuple[str, str
 
 def keepalive() -> Message:
     return Message(
-        msg_id="f47ac10b-58cc-4372-a567-0e02b2c3d479", timestamp=1700000000000,
-        source="websocket", group="resource", operation="keepalive", resource="node",
+        msg_id="f47ac10b-58cc-4372-a567-0e02b2c3d479",
+        timestamp=1700000000000,
+        source="websocket",
+        group="resource",
+        operation="keepalive",
+        resource="node",
         content="ping",
     )
 
@@ -102,19 +106,33 @@ class GeneratedCodeTests(SynchronousTestCase):
         with open(os.path.join(WIRE_DIR, "message.proto"), encoding="utf-8") as handle:
             _, package, messages = parse_proto(handle.read())
         self.assertEqual(package, "message")
-        self.assertEqual(messages["Message"], {
-            "header": ("", "MessageHeader", 1), "router": ("", "MessageRouter", 2),
-            "Content": ("", "bytes", 3),
-        })
-        self.assertEqual(messages["MessageHeader"], {
-            "ID": ("", "string", 1), "ParentID": ("", "string", 2),
-            "Timestamp": ("", "sint64", 3), "Sync": ("", "bool", 4),
-            "MessageType": ("", "string", 5),
-        })
-        self.assertEqual(messages["MessageRouter"], {
-            "Source": ("", "string", 1), "Group": ("", "string", 2),
-            "Operaion": ("", "string", 3), "Resouce": ("", "string", 4),
-        })
+        self.assertEqual(
+            messages["Message"],
+            {
+                "header": ("", "MessageHeader", 1),
+                "router": ("", "MessageRouter", 2),
+                "Content": ("", "bytes", 3),
+            },
+        )
+        self.assertEqual(
+            messages["MessageHeader"],
+            {
+                "ID": ("", "string", 1),
+                "ParentID": ("", "string", 2),
+                "Timestamp": ("", "sint64", 3),
+                "Sync": ("", "bool", 4),
+                "MessageType": ("", "string", 5),
+            },
+        )
+        self.assertEqual(
+            messages["MessageRouter"],
+            {
+                "Source": ("", "string", 1),
+                "Group": ("", "string", 2),
+                "Operaion": ("", "string", 3),
+                "Resouce": ("", "string", 4),
+            },
+        )
 
     def test_runtime_lower_bound_is_documented_and_pinned(self) -> None:
         with open(os.path.join(WIRE_DIR, "message_pb2.py"), encoding="utf-8") as handle:
@@ -134,7 +152,8 @@ class GeneratedCodeTests(SynchronousTestCase):
         assert pin, "setup.py has no protobuf>= requirement"
         pinned = tuple(int(part or 0) for part in pin.groups())
         self.assertGreaterEqual(
-            pinned, gencode,
+            pinned,
+            gencode,
             f"setup.py allows protobuf {pinned}, older than the generated code needs ({bound})",
         )
 
@@ -146,18 +165,33 @@ class TranslatorTests(SynchronousTestCase):
     def test_keepalive_fields(self) -> None:
         proto = ProtoMessage.FromString(message_to_protobuf(keepalive()))
         self.assertEqual(
-            (proto.header.ID, proto.header.Timestamp, proto.router.Source, proto.router.Group,
-             proto.router.Operaion, proto.router.Resouce, proto.Content),
-            ("f47ac10b-58cc-4372-a567-0e02b2c3d479", 1700000000000, "websocket", "resource",
-             "keepalive", "node", b"ping"),
+            (
+                proto.header.ID,
+                proto.header.Timestamp,
+                proto.router.Source,
+                proto.router.Group,
+                proto.router.Operaion,
+                proto.router.Resouce,
+                proto.Content,
+            ),
+            (
+                "f47ac10b-58cc-4372-a567-0e02b2c3d479",
+                1700000000000,
+                "websocket",
+                "resource",
+                "keepalive",
+                "node",
+                b"ping",
+            ),
         )
 
     def test_header_and_router_always_present_like_go(self) -> None:
         self.assertEqual(message_to_protobuf(Message()), bytes.fromhex("0a00 1200"))
 
     def test_unrepresentable_fields_are_dropped(self) -> None:
-        msg = keepalive().copy(resource_version="5", destination="d", type="t", parent_msg_id="p",
-                               sync=True)
+        msg = keepalive().copy(
+            resource_version="5", destination="d", type="t", parent_msg_id="p", sync=True
+        )
         back = message_from_protobuf(message_to_protobuf(msg))
         self.assertEqual(back, msg.copy(resource_version="", destination="", type=""))
 
@@ -238,7 +272,7 @@ class FrameTests(SynchronousTestCase):
         ack = Message(msg_id="b", parent_msg_id="a", operation="response", content="OK")
         stream = encode_frame(keepalive()) + encode_frame(ack)
         decoder = FrameDecoder()
-        got = [m for byte in range(len(stream)) for m in decoder.feed(stream[byte:byte + 1])]
+        got = [m for byte in range(len(stream)) for m in decoder.feed(stream[byte : byte + 1])]
         self.assertEqual(got, [keepalive(), ack])
         self.assertEqual(decoder.buffered, 0)
         decoder.finish()
@@ -261,10 +295,14 @@ class FrameTests(SynchronousTestCase):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**64), max_value=2**64)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**64), max_value=2**64)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=10,
 )
 json_objects = st.lists(json_values, max_size=4) | st.dictionaries(
@@ -286,9 +324,14 @@ def _is_json(text: str) -> bool:
 
 representable = st.builds(
     Message,
-    msg_id=st.text(max_size=40), timestamp=st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    parent_msg_id=st.text(max_size=40), sync=st.booleans(), source=st.text(max_size=20),
-    group=st.text(max_size=20), operation=st.text(max_size=20), resource=st.text(max_size=40),
+    msg_id=st.text(max_size=40),
+    timestamp=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    parent_msg_id=st.text(max_size=40),
+    sync=st.booleans(),
+    source=st.text(max_size=20),
+    group=st.text(max_size=20),
+    operation=st.text(max_size=20),
+    resource=st.text(max_size=40),
     content=st.none() | plain_strings | json_objects,
 )
 

@@ -48,7 +48,8 @@ SPEC_10_1_JSON = (
 # §10.2, the annotated protobuf listing, field by field.
 SPEC_10_2_PROTOBUF = (
     bytes.fromhex("0a 2d")
-    + bytes.fromhex("0a 24") + MSG_ID.encode("ascii")
+    + bytes.fromhex("0a 24")
+    + MSG_ID.encode("ascii")
     + bytes.fromhex("18 80 a0 ab fe f9 62")
     + bytes.fromhex("12 26")
     + bytes.fromhex("0a 09 77 65 62 73 6f 63 6b 65 74")
@@ -62,8 +63,13 @@ SPEC_10_2_PACKER_HEADER = bytes.fromhex("01 01 01 00 01 00 00 00 00 5d")
 
 def spec_keepalive() -> Message:
     return Message(
-        msg_id=MSG_ID, timestamp=1700000000000, source="websocket", group="resource",
-        operation="keepalive", resource="node", content="ping",
+        msg_id=MSG_ID,
+        timestamp=1700000000000,
+        source="websocket",
+        group="resource",
+        operation="keepalive",
+        resource="node",
+        content="ping",
     )
 
 
@@ -91,9 +97,9 @@ def parse_ws_frame(raw: bytes, complete: bool = True) -> WsFrame:
         length, offset = int.from_bytes(raw[2:4], "big"), 4
     elif length == 127:
         length, offset = int.from_bytes(raw[2:10], "big"), 10
-    key = raw[offset:offset + 4] if masked else b""
+    key = raw[offset : offset + 4] if masked else b""
     offset += len(key)
-    body = raw[offset:offset + length]
+    body = raw[offset : offset + length]
     if complete and (len(body) != length or offset + length != len(raw)):
         raise AssertionError(f"frame of {len(raw)} bytes does not hold a {length}-byte payload")
     if masked:
@@ -142,8 +148,12 @@ def parse_capture(text: str) -> list[Block]:
             continue
         body = match.group(1)
         if found := _RECEIVED.match(body):
-            current = Block(number, "edge->cloud", opcode=int(found.group(3)),
-                            declared_length=int(found.group(5)))
+            current = Block(
+                number,
+                "edge->cloud",
+                opcode=int(found.group(3)),
+                declared_length=int(found.group(5)),
+            )
             blocks.append(current)
         elif found := _SENT.match(body):
             current = Block(number, "cloud->edge", fields=found.group(2))
@@ -174,10 +184,16 @@ def expected_message(fields: str) -> tuple[Message, str]:
         return ast.literal_eval(match.group(name)) or ""
 
     msg = Message(
-        msg_id=match.group("msg_id"), parent_msg_id=text("parent"),
-        timestamp=int(match.group("ts")), resource_version=text("rv"),
-        sync=match.group("sync") == "True", type=text("type"), source=text("source"),
-        destination=text("dest"), group=text("group"), operation=text("op"),
+        msg_id=match.group("msg_id"),
+        parent_msg_id=text("parent"),
+        timestamp=int(match.group("ts")),
+        resource_version=text("rv"),
+        sync=match.group("sync") == "True",
+        type=text("type"),
+        source=text("source"),
+        destination=text("dest"),
+        group=text("group"),
+        operation=text("op"),
         resource=text("resource"),
     )
     return msg, match.group("content")
@@ -207,8 +223,9 @@ class SpecExampleTests(SynchronousTestCase):
     def test_10_2_packer_and_protobuf(self) -> None:
         self.assertEqual(len(SPEC_10_2_PROTOBUF), 93)
         self.assertEqual(message_to_protobuf(spec_keepalive()), SPEC_10_2_PROTOBUF)
-        self.assertEqual(encode_frame(spec_keepalive()),
-                         SPEC_10_2_PACKER_HEADER + SPEC_10_2_PROTOBUF)
+        self.assertEqual(
+            encode_frame(spec_keepalive()), SPEC_10_2_PACKER_HEADER + SPEC_10_2_PROTOBUF
+        )
         self.assertEqual(message_from_protobuf(SPEC_10_2_PROTOBUF), spec_keepalive())
 
     def test_10_3_ack(self) -> None:
@@ -305,7 +322,8 @@ class EdgecoreCaptureTests(SynchronousTestCase):
 
     def test_capture_has_the_interesting_frames(self) -> None:
         decoded = [
-            decode(block.payload) for block in self.blocks
+            decode(block.payload)
+            for block in self.blocks
             if block.payload is not None and block.fields
         ]
         operations = {msg.operation for msg in decoded}

@@ -219,8 +219,8 @@ class _ConnectFactory(Factory):
     def buildProtocol(self, addr: Any) -> _EdgeProtocol:
         node = self.node
         ws_factory = node._ws_factory
-        made = ws_factory.protocol
-        protocol = made() if issubclass(made, _EdgeProtocol) else _EdgeProtocol()
+        made: type[Any] = ws_factory.protocol
+        protocol: _EdgeProtocol = made() if issubclass(made, _EdgeProtocol) else _EdgeProtocol()
         protocol.factory = ws_factory
         protocol.node = node
         node._attempt = protocol

@@ -159,9 +159,7 @@ def _columns(count: int) -> str:
     return ", ".join(f"json_extract(value, '$[{i}]')" for i in range(count))
 
 
-_DELETE = (
-    f"DELETE FROM {_TABLE} WHERE (node_id, uid) IN (SELECT {_columns(2)} FROM json_each(?))"
-)
+_DELETE = f"DELETE FROM {_TABLE} WHERE (node_id, uid) IN (SELECT {_columns(2)} FROM json_each(?))"
 _DELETE_ROW = f"DELETE FROM {_TABLE} WHERE node_id = ? AND uid = ?"
 
 
@@ -181,9 +179,7 @@ def _upsert_row_sql(columns: tuple[str, ...]) -> str:
 def _update_sql(columns: tuple[str, ...]) -> str:
     # Each row: the values of ``columns``, then node_id and uid.
     values = ", ".join(f"{c} = j.c{i}" for i, c in enumerate(columns))
-    extracted = ", ".join(
-        f"json_extract(value, '$[{i}]') AS c{i}" for i in range(len(columns))
-    )
+    extracted = ", ".join(f"json_extract(value, '$[{i}]') AS c{i}" for i in range(len(columns)))
     n = len(columns)
     return (
         f"UPDATE {_TABLE} SET {values} FROM (SELECT {extracted}, "
