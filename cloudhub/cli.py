@@ -124,7 +124,7 @@ def _edgesim_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
-        "--quick", action="store_true", help="200 nodes, 1 and 100 node throughput (< 2 min)"
+        "--quick", action="store_true", help="every scenario, smaller and once (< 2 min)"
     )
     size.add_argument("--tiny", action="store_true", help="a few nodes and messages (tests)")
     parser.add_argument(
@@ -139,6 +139,14 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="no PNG even with matplotlib")
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the hub during throughput (.prof files)"
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the hub to one CPU and the bench to the others",
+    )
+    parser.add_argument(
+        "--runs", type=int, help="runs of the first transport, figures their median (full: 3)"
     )
 
 

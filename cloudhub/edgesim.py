@@ -12,7 +12,9 @@ Pieces:
 
 * :class:`Simulator` runs nodes in the calling process and reactor; ``cloudhub bench`` uses
   it directly. It opens at most ``concurrency`` connections at a time, so a large run measures
-  the hub's connect rate instead of a pile of handshake timeouts.
+  the hub's connect rate instead of a pile of handshake timeouts. :meth:`Simulator.drop_all`
+  is the reconnect storm: every connection aborted at once, every node connecting again at
+  once (up to a concurrency of its own), as a fleet does after a hub restart or a network cut.
 * :class:`Simulation` is the command: credentials (bootstrap with ``--token`` or reuse
   ``--certs``), one :class:`Simulator` here or ``--procs`` worker processes
   (``python -m cloudhub.edgesim --worker``) reporting snapshots on stdout, the progress and
@@ -34,6 +36,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
@@ -212,6 +215,7 @@ class Simulator:
         heartbeat: float = 15.0,
         concurrency: int = 100,
         project_id: str = DEFAULT_PROJECT_ID,
+        track_latency: bool = True,
     ) -> None:
         if transport not in TRANSPORTS:
             raise CloudHubError(f"transport {transport!r}: must be one of {', '.join(TRANSPORTS)}")
@@ -222,9 +226,18 @@ class Simulator:
         self.concurrency = max(1, concurrency)
         self.latency = LatencyHistogram()
         self.nodes: list[Any] = []
-        self._make = self._node_maker(transport, host, port, credentials, heartbeat, project_id)
+        # Latency tracking is a call and a clock read per message: off when nobody reads it.
+        on_message = self._on_message if track_latency else None
+        self._make = self._node_maker(
+            transport, host, port, credentials, heartbeat, project_id, on_message
+        )
         self._next = 0  # index of the next node to start
-        self._window: list[Any] = []
+        # Nodes to start again (a storm), before any new one; each with its failures so far.
+        self._restart: deque[Any] = deque()
+        # Attempts in flight: (node, its connect_failures when started).
+        self._window: list[tuple[Any, int]] = []
+        self._to_requeue = 0  # nodes dropped whose close is not handled yet
+        self.peak_in_flight = 0
         self._poll: LoopingCall | None = None
         self._waiters: list[Deferred[None]] = []
         self._stopped = False
@@ -238,9 +251,9 @@ class Simulator:
         credentials: EdgeCredentials,
         heartbeat: float,
         project_id: str,
+        on_message: Callable[[Any, Message], None] | None,
     ) -> Callable[[str], Any]:
         reactor = self.reactor
-        on_message = self._on_message
         if transport == "quic":
             quic_node = quic_edge_class()
             # One aioquic configuration (CA, certificate, key parsed once) for every node.
@@ -326,15 +339,30 @@ class Simulator:
         return self._poll is not None
 
     def _fill(self) -> None:
-        window = [n for n in self._window if not (n.connected or n.stats.connect_failures)]
+        # An attempt leaves the window once connected or failed (the node retries by itself,
+        # with its backoff, outside the window).
+        window = [
+            (node, failures)
+            for node, failures in self._window
+            if not (node.connected or node.stats.connect_failures > failures)
+        ]
         nodes = self.nodes
-        while not self._stopped and len(window) < self.concurrency and self._next < len(nodes):
-            node = nodes[self._next]
-            self._next += 1
+        restart = self._restart
+        while not self._stopped and len(window) < self.concurrency:
+            if restart:
+                node = restart.popleft()
+                node.reconnect = True
+            elif self._next < len(nodes):
+                node = nodes[self._next]
+                self._next += 1
+            else:
+                break
+            window.append((node, node.stats.connect_failures))
             node.start()  # fires on connect; never fails: the node retries by itself
-            window.append(node)
         self._window = window
-        if not window and (self._next >= len(nodes) or self._stopped):
+        self.peak_in_flight = max(self.peak_in_flight, len(window))
+        idle = self._next >= len(nodes) and not restart and not self._to_requeue
+        if not window and (idle or self._stopped):
             poll, self._poll = self._poll, None
             if poll is not None and poll.running:
                 poll.stop()
@@ -351,6 +379,7 @@ class Simulator:
         """
         self._stopped = True
         self._window = []
+        self._restart.clear()
         if self._poll is not None:
             self._fill()
         if self._stopping is None:
@@ -358,6 +387,45 @@ class Simulator:
         waiting: Deferred[None] = Deferred()
         self._stopping.addBoth(lambda _: waiting.callback(None))
         return waiting
+
+    def drop_all(self, concurrency: int | None = None) -> tuple[int, Deferred[None]]:
+        """The reconnect storm: abort every open connection at once (TCP reset, no close
+        handshake), then have every one of those nodes connect again at once, at most
+        ``concurrency`` attempts in flight (default: :attr:`concurrency`, which it replaces).
+
+        A node does not wait out its reconnect backoff here (edgecore would wait a few
+        seconds, all nodes about the same): the hub gets the whole fleet as fast as the edges
+        can open connections. Returns how many nodes were dropped and a Deferred that fires
+        once each of them has connected again or failed at least once. WebSocket only.
+        """
+        if self.transport != "ws":
+            raise CloudHubError(f"drop_all: not implemented for {self.transport}")
+        if concurrency is not None:
+            self.concurrency = max(1, concurrency)
+        dropped = [node for node in self.nodes[: self._next] if node.connected]
+        for node in dropped:
+            # Not reconnecting by itself: _fill starts it again, without the backoff.
+            node.reconnect = False
+        self._to_requeue += len(dropped)
+        for node in dropped:
+            node.when_disconnected().addCallback(self._requeue, node)
+            node.protocol.transport.abortConnection()
+        waiting: Deferred[None] = Deferred()
+        self._waiters.append(waiting)
+        self.peak_in_flight = 0
+        if self._poll is None:
+            self._poll = LoopingCall(self._fill)
+            self._poll.clock = self.reactor
+            # Not now: the aborted connections end on the next reactor turn.
+            self._poll.start(WINDOW_POLL, now=False)
+        return len(dropped), waiting
+
+    def _requeue(self, info: object, node: Any) -> None:
+        # Called while the node handles its close, before it decides not to retry: _fill
+        # (a later turn) sets reconnect again and starts it.
+        self._to_requeue -= 1
+        if not self._stopped:
+            self._restart.append(node)
 
     def stop_unconnected(self) -> int:
         """Start no more nodes and stop those not connected now (their retries would keep
