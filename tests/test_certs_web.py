@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from cloudhub.certs.authority import CertificateAuthority, issued_by
 from cloudhub.certs.ratelimit import FailureLimiter
 from cloudhub.certs.tls import client_tls_options
 from cloudhub.certs.token import TokenIssuer, issue_token, make_token, split_token
+from cloudhub.certs.web import IN_MEMORY_BODY, BoundedRequest
 from tests.helpers_tls import (
     EDGECORE_CSR_DER,
     Client,
@@ -585,3 +587,25 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         clock.advance(2)
         self.assertTrue(transport.disconnecting)
+
+
+class BodyBufferTests(SynchronousTestCase):
+    """Where a request body waits while it arrives: memory up to IN_MEMORY_BODY, then a file."""
+
+    def request(self, length: int | None) -> BoundedRequest:
+        from twisted.web.test.requesthelper import DummyChannel
+
+        request = BoundedRequest(DummyChannel())
+        request._body_limit = lambda: 64 * MIB  # type: ignore[method-assign]
+        request.gotLength(length)
+        return request
+
+    def test_declared_lengths_up_to_the_limit_in_memory(self) -> None:
+        for length in (0, 150_000, IN_MEMORY_BODY):
+            self.assertIsInstance(self.request(length).content, io.BytesIO)
+
+    def test_larger_or_unknown_lengths_spooled_to_a_file(self) -> None:
+        for length in (IN_MEMORY_BODY + 1, None):
+            content = self.request(length).content
+            self.assertNotIsInstance(content, io.BytesIO)
+            content.close()

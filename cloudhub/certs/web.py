@@ -46,6 +46,9 @@ BODY_LIMITS = {b"/nodeupgrade": 3 * MIB}
 # After answering 413, read and drop up to this much more before closing, so the client
 # can read the answer instead of getting a reset (Go's net/http drains 256 KiB likewise).
 DRAIN_LIMIT = 256 * 1024
+# Bodies of a declared length up to this are kept in memory; twisted.web spools anything from
+# 100 KB on to a temporary file, i.e. every batch of the HTTP API (~400 KB per 1,000 entries).
+IN_MEMORY_BODY = 8 * MIB
 
 TOO_MANY_REQUESTS = 429  # not among twisted.web.http's names
 INVALID_TOKEN = b"Invalid authorization token"
@@ -94,6 +97,9 @@ class BoundedRequest(Request):
         if length is not None and length > self._limit:
             self.content = io.BytesIO()
             self._reject(f"declared {length} bytes")
+            return
+        if length is not None and length <= IN_MEMORY_BODY:
+            self.content = io.BytesIO()
             return
         super().gotLength(length)
 
