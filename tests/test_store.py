@@ -445,6 +445,7 @@ class SQLiteSyncStoreTests(SyncStoreBehaviour, TestCase):
         self.assertEqual(other.execute("PRAGMA journal_mode").fetchone()[0], "wal")
         self.assertEqual(other.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
         self.assertEqual(store._conn.execute("PRAGMA synchronous").fetchone()[0], 1)  # NORMAL
+        self.assertEqual(store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0], 4000)
 
     async def test_synchronous_is_configurable(self) -> None:
         store = self.make_store(synchronous="full")
