@@ -553,3 +553,15 @@ class KeepaliveShapeTests(SynchronousTestCase):
             b'"route":{"source":"websocket","group":"resource","operation":"keepalive",'
             b'"resource":"node"},"content":"ping"}\n',
         )
+
+
+class MaskPoolTests(SynchronousTestCase):
+    def test_masks_are_fresh_four_byte_slices(self) -> None:
+        from cloudhub.edge.client import MaskPool
+
+        pool = MaskPool()
+        masks = [pool.take() for _ in range(3 * MaskPool.SIZE // 4 + 5)]  # refills 3 times
+        self.assertTrue(all(len(mask) == 4 for mask in masks))
+        self.assertGreater(len(set(masks)), len(masks) * 0.99)  # 32 random bits each
+        pool.reset()
+        self.assertNotIn(pool.take(), masks[-3:])

@@ -82,6 +82,38 @@ _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
 
 
+class MaskPool:
+    """Frame masks from ``os.urandom`` (RFC 6455 §5.3 wants a strong source), 1,024 per call
+    instead of a system call per frame (~4 µs in a VM, for every ACK an edge writes).
+
+    Reactor thread only; emptied in a forked child so parent and child never share masks.
+    """
+
+    __slots__ = ("_pool", "_offset")
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._offset = 0
+
+    def take(self) -> bytes:
+        offset = self._offset
+        if offset >= len(self._pool):
+            self._pool = os.urandom(self.SIZE)
+            offset = 0
+        self._offset = offset + 4
+        return self._pool[offset : offset + 4]
+
+    def reset(self) -> None:
+        self._pool = b""
+        self._offset = 0
+
+
+_masks = MaskPool()
+os.register_at_fork(after_in_child=_masks.reset)
+
+
 def edge_client_factory(reactor: Reactor) -> WebSocketClientFactory:
     """The Autobahn options of an edge connection; one factory can serve many nodes."""
     factory = WebSocketClientFactory(reactor=reactor)
@@ -154,7 +186,7 @@ class _EdgeProtocol(LeanProtocolMixin, WebSocketClientProtocol):  # type: ignore
             super().sendData(data, sync, chopsize)
 
     def send_payload(self, payload: bytes) -> None:
-        frame = masked_text_frame(payload, os.urandom(4))
+        frame = masked_text_frame(payload, _masks.take())
         batch = self._batch
         if batch is not None:
             batch.append(frame)
