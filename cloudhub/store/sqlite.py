@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,27 @@ log = Logger()
 SCHEMA_VERSION = 1  # PRAGMA user_version of the files this module writes
 SYNCHRONOUS_MODES = ("NORMAL", "FULL", "EXTRA")
 WAL_AUTOCHECKPOINT_PAGES = 4000
+# Text of one JSON statement's rows (a row longer than this goes alone).
+JSON_CHUNK_CHARS = 4 * 1024 * 1024
+
+
+def _json_rows_supported() -> bool:
+    """Whether this SQLite runs the JSON statements: json_each (JSON1, built in since 3.38,
+    an option before) and UPDATE ... FROM (3.33). Older ones get executemany."""
+    if sqlite3.sqlite_version_info < (3, 33, 0):
+        return False
+    probe = sqlite3.connect(":memory:")
+    try:
+        probe.execute("SELECT json_extract(value, '$[0]') FROM json_each('[[1]]')").fetchall()
+    except sqlite3.Error:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+# Rows go to SQLite as JSON arrays (one statement per group) when this is true.
+JSON_ROWS = _json_rows_supported()
 
 _TABLE = "sync_record"
 _SCHEMA = f"""
@@ -237,18 +258,40 @@ def _write_batch(conn: sqlite3.Connection, changes: dict[Key, _Change]) -> None:
 
 
 def _apply(conn: sqlite3.Connection, json_sql: str, row_sql: str, rows: list[Any]) -> None:
-    """``json_sql`` over all ``rows`` at once; rows holding a NUL character go one by one
-    through ``row_sql`` instead, since SQLite's JSON functions end a string at a NUL."""
-    text = _json(rows)
-    if "u0000" in text:  # perhaps an escaped NUL; a precise look, rarely needed
-        with_nul = [row for row in rows if _has_nul(row)]
-        if with_nul:
-            conn.executemany(row_sql, with_nul)
-            rows = [row for row in rows if not _has_nul(row)]
-            if not rows:
-                return
-            text = _json(rows)
-    conn.execute(json_sql, (text,))
+    """``json_sql`` over ``rows``, a JSON array of at most ~:data:`JSON_CHUNK_CHARS` at a time.
+
+    Rows holding a NUL character go one by one through ``row_sql`` instead, since SQLite's
+    JSON functions end a string at a NUL; so do all rows when this SQLite lacks what the JSON
+    statements need (:data:`JSON_ROWS`). The chunks keep one value far below SQLite's
+    length limit (1e9 bytes) and one ``json.dumps``, which holds the GIL, short.
+    """
+    if not JSON_ROWS:
+        conn.executemany(row_sql, rows)
+        return
+    for chunk in _chunks(rows):
+        text = _json(chunk)
+        if "u0000" in text:  # perhaps an escaped NUL; a precise look, rarely needed
+            with_nul = [row for row in chunk if _has_nul(row)]
+            if with_nul:
+                conn.executemany(row_sql, with_nul)
+                chunk = [row for row in chunk if not _has_nul(row)]
+                if not chunk:
+                    continue
+                text = _json(chunk)
+        conn.execute(json_sql, (text,))
+
+
+def _chunks(rows: list[Any]) -> Iterator[list[Any]]:
+    """``rows`` in runs of about :data:`JSON_CHUNK_CHARS` characters of text each."""
+    start = 0
+    size = 0
+    for index, row in enumerate(rows):
+        size += 64 + sum(len(value) for value in row if value.__class__ is str)
+        if size >= JSON_CHUNK_CHARS:
+            yield rows[start : index + 1]
+            start, size = index + 1, 0
+    if start < len(rows):
+        yield rows[start:]
 
 
 def _has_nul(row: Any) -> bool:
