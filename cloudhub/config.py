@@ -156,9 +156,11 @@ class HubSettings:
     metrics: MetricsConfig = _key("metrics", MetricsConfig())
     max_message_size: int = _key("maxMessageSize", 8 * MIB, _at_least(1024))
     listen_backlog: int = _key("listenBacklog", 1024, _at_least(1))
-    # Young-generation threshold of the garbage collector while the hub runs (gctuning.py);
+    # Young-generation threshold of the garbage collector while the hub runs (tuning.py);
     # 0 leaves the interpreter's settings alone.
     gc_threshold: int = _key("gcThreshold", 50_000, _at_least(0))
+    # GIL switch interval while the hub runs, in microseconds (tuning.py); 0 leaves it alone.
+    switch_interval_us: int = _key("switchIntervalMicroseconds", 1000, _at_least(0))
 
 
 @dataclass(frozen=True)

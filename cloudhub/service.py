@@ -24,12 +24,12 @@ from cloudhub.certs.tls import server_tls_options
 from cloudhub.certs.token import TokenIssuer
 from cloudhub.certs.web import certificate_site
 from cloudhub.config import HubConfig
-from cloudhub.gctuning import GarbageCollectorTuning
 from cloudhub.handler import MessageHandle
 from cloudhub.interfaces import CLOSE_GOING_AWAY
 from cloudhub.listening import ListeningService
 from cloudhub.metrics import HubMetrics
 from cloudhub.store import open_store
+from cloudhub.tuning import InterpreterTuning
 from cloudhub.upstream import Upstream
 
 log = Logger()
@@ -118,10 +118,12 @@ class CloudHubService(MultiService):
             self.api.setServiceParent(self)
 
         # Started last: what it freezes includes everything built above.
-        self.gc_tuning: GarbageCollectorTuning | None = None
-        if config.hub.gc_threshold:
-            self.gc_tuning = GarbageCollectorTuning(config.hub.gc_threshold)
-            self.gc_tuning.setServiceParent(self)
+        self.tuning: InterpreterTuning | None = None
+        if config.hub.gc_threshold or config.hub.switch_interval_us:
+            self.tuning = InterpreterTuning(
+                config.hub.gc_threshold, config.hub.switch_interval_us / 1_000_000
+            )
+            self.tuning.setServiceParent(self)
 
     def listeners(self) -> list[ListeningService]:
         return [s for s in self if isinstance(s, ListeningService)]

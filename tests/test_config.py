@@ -138,6 +138,10 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(error.key, "hub.gcThreshold")
         self.assertIn("at least 0", str(error))
 
+    def test_negative_switch_interval(self) -> None:
+        error = self.error("hub:\n  switchIntervalMicroseconds: -5\n")
+        self.assertEqual(error.key, "hub.switchIntervalMicroseconds")
+
     def test_bad_ip_address(self) -> None:
         error = self.error("cloudHub:\n  advertiseAddress: [hub.example.com]\n")
         self.assertEqual(error.key, "cloudHub.advertiseAddress")

@@ -58,15 +58,23 @@ class ServiceTests(TestCase):
         self.assertTrue(credentials.cert_pem.startswith(b"-----BEGIN CERTIFICATE"))
 
 
-class GarbageCollectorTuningTests(TestCase):
-    """hub.gcThreshold: the collector is set while the hub runs, and put back after."""
+class InterpreterTuningTests(TestCase):
+    """hub.gcThreshold, hub.switchIntervalMicroseconds: set while hubs run, put back after."""
 
     def setUp(self) -> None:
         import gc
+        import sys
 
-        self.before = gc.get_threshold()
-        self.addCleanup(gc.set_threshold, *self.before)
+        self.before = (gc.get_threshold(), sys.getswitchinterval())
+        self.addCleanup(gc.set_threshold, *self.before[0])
+        self.addCleanup(sys.setswitchinterval, self.before[1])
         self.addCleanup(gc.unfreeze)
+
+    def now(self) -> tuple[tuple[int, int, int], float]:
+        import gc
+        import sys
+
+        return gc.get_threshold(), sys.getswitchinterval()
 
     def hub(self, **hub_settings: object) -> CloudHubService:
         from cloudhub.config import parse_config
@@ -77,26 +85,42 @@ class GarbageCollectorTuningTests(TestCase):
         return CloudHubService(parse_config(data), reactor=reactor)
 
     @inlineCallbacks
-    def test_threshold_while_running_then_restored(self):
+    def test_set_while_running_then_restored(self):
         import gc
 
-        hub = self.hub(gcThreshold=12345)
+        hub = self.hub(gcThreshold=12345, switchIntervalMicroseconds=700)
         hub.startService()
         yield hub.ready
         self.assertEqual(gc.get_threshold()[0], 12345)
+        self.assertAlmostEqual(self.now()[1], 0.0007)
         self.assertGreater(gc.get_freeze_count(), 0)
         yield hub.stopService()
-        self.assertEqual(gc.get_threshold(), self.before)
+        self.assertEqual(self.now(), self.before)
         self.assertEqual(gc.get_freeze_count(), 0)
 
     @inlineCallbacks
-    def test_zero_leaves_the_collector_alone(self):
+    def test_two_hubs_restored_when_the_last_stops(self):
+        first = self.hub(gcThreshold=23456)
+        second = self.hub(gcThreshold=34567)
+        first.startService()
+        second.startService()
+        yield first.ready
+        yield second.ready
+        tuned = self.now()
+        self.assertEqual(tuned[0][0], 23456)  # the first one's settings stand
+        yield first.stopService()
+        self.assertEqual(self.now(), tuned)  # the second hub still runs
+        yield second.stopService()
+        self.assertEqual(self.now(), self.before)
+
+    @inlineCallbacks
+    def test_zero_leaves_the_interpreter_alone(self):
         import gc
 
-        hub = self.hub(gcThreshold=0)
-        self.assertIsNone(hub.gc_tuning)
+        hub = self.hub(gcThreshold=0, switchIntervalMicroseconds=0)
+        self.assertIsNone(hub.tuning)
         hub.startService()
         yield hub.ready
-        self.assertEqual(gc.get_threshold(), self.before)
+        self.assertEqual(self.now(), self.before)
         self.assertEqual(gc.get_freeze_count(), 0)
         yield hub.stopService()

@@ -590,6 +590,24 @@ class SQLiteSyncStoreTests(SyncStoreBehaviour, TestCase):
         self.assertGreater(len(records), count)  # and some of what came after
 
 
+class SQLiteSmallChunksTests(SQLiteSyncStoreTests):
+    """The same again with JSON statements of a few rows each (big batches are cut up)."""
+
+    def setUp(self) -> None:
+        import cloudhub.store.sqlite as sqlite_module
+
+        self.patch(sqlite_module, "JSON_CHUNK_CHARS", 300)
+
+
+class SQLiteWithoutJsonTests(SQLiteSyncStoreTests):
+    """The same again as on an SQLite without JSON functions or UPDATE ... FROM (< 3.33)."""
+
+    def setUp(self) -> None:
+        import cloudhub.store.sqlite as sqlite_module
+
+        self.patch(sqlite_module, "JSON_ROWS", False)
+
+
 class _KilledWriter(ProcessProtocol):
     def __init__(self) -> None:
         self.output = b""
@@ -612,6 +630,9 @@ class _KilledWriter(ProcessProtocol):
 
 _WRITER_SCRIPT = """
 import sys
+# What a hub sets while it runs (cloudhub.tuning): behind this script's busy loop, the
+# writer thread would wait 5 ms for the GIL after every call into SQLite and fall behind.
+sys.setswitchinterval(0.001)
 from twisted.internet import reactor
 from cloudhub.model import Message
 from cloudhub.store.sqlite import SQLiteSyncStore
