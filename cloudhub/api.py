@@ -852,11 +852,12 @@ class ApiResource(Resource):
                     }
 
         async def run() -> _Reply:
+            # Once begun, a batch is judged to its end (a few reactor turns) even if the hub
+            # starts stopping meanwhile: a 503 after part of it was accepted would leave the
+            # client without the results of what was accepted.
             for start in range(0, count, BATCH_SLICE):
                 if start:
                     await deferLater(self.reactor, 0, lambda: None)
-                    if not self.accepting():
-                        raise ApiError(http.SERVICE_UNAVAILABLE, "hub shutting down")
                 take(start)
             try:
                 await self.upstream.flush()

@@ -898,6 +898,31 @@ class BatchTests(ApiTestCase):
             self.assertEqual(len(slices_at), 4)  # 7 entries, 2 a slice
             self.assertEqual(slices_at, sorted(set(slices_at)))  # a reactor turn between
 
+    async def test_hub_stopping_mid_batch_still_answers_every_entry(self) -> None:
+        """Once a batch is begun it is judged to its end: no 503 after some were accepted."""
+        from cloudhub import api as api_module
+
+        self.patch(api_module, "BATCH_SLICE", 2)
+        await self.start_hub()
+        upstream = self.hub.upstream
+        send_many = upstream.send_many
+
+        def stopping_after_the_first_slice(entries: Any) -> Any:
+            self.accepting = False
+            return send_many(entries)
+
+        self.patch(upstream, "send_many", stopping_after_the_first_slice)
+        entries = [
+            {"node": "edge-3", "message": pod_body(f"uid-{i}", "1", name=f"p{i}")} for i in range(5)
+        ]
+        reply = await self.call(b"POST", "/v1/messages", entries)
+        self.assertEqual(reply.code, 200, reply.body)
+        self.assertEqual(reply.json["accepted"], 5)
+        self.assertEqual(len(await self.objects("edge-3")), 5)
+        # A new batch is refused while the hub stops.
+        reply = await self.call(b"POST", "/v1/messages", entries)
+        self.assertEqual(reply.code, 503)
+
     async def test_not_an_array_is_400(self) -> None:
         await self.start_hub()
         reply = await self.call(b"POST", "/v1/messages", {"node": "x"})
