@@ -168,11 +168,15 @@ class NodeSession:
             self._first_sent_at = now
         stats.sent += 1
         self.connection.send_message(entry.message, entry.encoded)
-        self._retransmit_due = now + self.retransmit_interval
-        if self._retransmit is None:
+        due = self._retransmit_due = now + self.retransmit_interval
+        timer = self._retransmit
+        if timer is None:
             self._retransmit = self.reactor.callLater(
                 self.retransmit_interval, self._retransmit_timer
             )
+        elif timer.getTime() > due + _DUE_SLACK:
+            # Only after the clock stepped back: the timer would fire that much too late.
+            timer.reset(self.retransmit_interval)
 
     def acknowledged(self, parent_msg_id: str) -> PendingEntry | None:
         """The edge acknowledged ``parent_msg_id``; returns the entry it completed, if any."""

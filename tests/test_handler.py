@@ -350,6 +350,22 @@ class DeliveryTests(HubTestCase):
         self.assertEqual(len(connection.sent), 3)
         self.assertEqual(connection.sent[2].msg_id, connection.sent[1].msg_id)
 
+    def test_clock_stepping_back_does_not_delay_retransmission(self) -> None:
+        """Twisted's clock is the wall clock: after it steps back an hour, the next message is
+        still resent 5 s after it went."""
+        connection = self.connect("edge-1")
+        self.upstream.send("edge-1", pod_message("u1", "1", "insert"))
+        self.upstream.send("edge-1", pod_message("u2", "1", "insert", name="other"))
+        self.clock.advance(1)
+        self.ack(connection, connection.sent[-1])  # u1; u2 goes now
+        self.clock.rightNow -= 3600
+        self.upstream.send("edge-1", pod_message("u3", "1", "insert", name="third"))
+        self.ack(connection, connection.sent[-1])  # u2 ACKed; u3 goes after the step
+        self.assertEqual(len(connection.sent), 3)
+        self.clock.advance(5)
+        self.assertEqual(len(connection.sent), 4)
+        self.assertEqual(connection.sent[3].msg_id, connection.sent[2].msg_id)
+
     def test_backoff_lets_other_objects_through(self) -> None:
         connection = self.connect("edge-1")
         self.upstream.send("edge-1", pod_message("u1", "1", "insert"))
