@@ -803,6 +803,17 @@ class IntegrationTests(TestCase):
         await node.stop()
         await self.handler.wait(lambda: bool(self.handler.of("lost")))
 
+    async def test_listener_requires_client_certificate(self) -> None:
+        """websocket_listener's own TLS (UnbufferedTLSFactory) refuses a client without a
+        certificate before any WebSocket byte; the handler hears nothing."""
+        service = websocket_listener(self.config, self.authority, self.handler, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.listening
+        client = await self.raw(service.bound_port, None, EDGECORE_REQUEST)
+        self.assertEqual(await client.lost, b"")
+        self.assertEqual(self.handler.events, [])
+
     async def test_edgecore_capture(self) -> None:
         """The upgrade request of a real edgecore, then the masked frames it sent (scenario H),
         over TLS with a valid client certificate."""
