@@ -160,7 +160,7 @@ class HubSettings:
     # 0 leaves the interpreter's settings alone.
     gc_threshold: int = _key("gcThreshold", 50_000, _at_least(0))
     # GIL switch interval while the hub runs, in microseconds (tuning.py); 0 leaves Python's.
-    switch_interval_us: int = _key("switchIntervalMicroseconds", 0, _at_least(0))
+    switch_interval_us: int = _key("switchIntervalMicroseconds", 1000, _at_least(0))
 
 
 @dataclass(frozen=True)

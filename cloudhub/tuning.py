@@ -9,14 +9,13 @@ Two process-wide settings, both measured with ``cloudhub bench``:
   (``hub.gcThreshold``) and freezing what exists at start (restored queues, certificates,
   modules) cut that to about 1 %. Messages are reclaimed by reference counting; the cycle
   collector only has the few cycles (failures with tracebacks) to find.
-* **GIL switch interval** (off by default). The SQLite writer thread hands the GIL back at
-  every call into SQLite and then waits for it again; behind a reactor thread busy in Python
-  without a pause it waits the whole switch interval each time (5 ms by default) and can fall
-  behind for good: a store fed 300 writes per reactor turn in a loop committed 2 batches in
-  1.5 s (its buffer grew to 70,000 writes) with 5 ms, and kept up with 1 ms. A hub's reactor
-  waits on I/O often enough that the writer kept up in every ``cloudhub bench`` scenario with
-  5 ms, and 1 ms cost ~15 % of throughput there, so ``hub.switchIntervalMicroseconds`` is 0
-  (Python's) unless set.
+* **GIL switch interval** (``hub.switchIntervalMicroseconds``, 1 ms). The SQLite writer thread
+  hands the GIL back at every call into SQLite and then waits for it again; behind a reactor
+  thread busy in Python without a pause it waits the whole switch interval each time (5 ms by
+  default) and can fall behind for good: a store fed 300 writes per reactor turn in a loop
+  committed 2 batches in 1.5 s (its buffer grew to 70,000 writes) with 5 ms, and kept up with
+  1 ms. The cost, alternating 1 ms and 5 ms three times at 1,000 nodes: ~4 % of throughput,
+  less than this machine's run-to-run spread.
 
 Both are the process's, not one hub's: the first running :class:`InterpreterTuning` applies its
 settings and the last one to stop puts back what it found (two hubs in one process, tests).
