@@ -89,7 +89,7 @@ def run_hub(args: argparse.Namespace) -> dict[str, float]:
             "hub": {"dataDir": base, "store": {"type": args.store}, "api": {"enable": False}},
         }
     )
-    hub = CloudHubService(config, reactor=reactor)
+    hub = CloudHubService(config, reactor=reactor, interpreter_tuning=True)
     figures: dict[str, float] = {}
 
     class Edges(ProcessProtocol):

@@ -34,7 +34,6 @@ from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -48,9 +47,11 @@ from zope.interface import implementer
 from cloudhub import model, wire
 from cloudhub.certs.web import BoundedRequest
 from cloudhub.config import HubConfig
+from cloudhub.endpoints import server_endpoint
 from cloudhub.errors import (
     DecodeError,
     DeliveryStopped,
+    HubNotRunning,
     InvalidMessage,
     MessageRefused,
     StaleMessage,
@@ -58,6 +59,7 @@ from cloudhub.errors import (
 )
 from cloudhub.handler import NodeEvent
 from cloudhub.listening import ListeningService
+from cloudhub.logs import AccessLog
 from cloudhub.model import Message
 from cloudhub.queue import is_ack_mode
 from cloudhub.store.interfaces import ISyncStore, StoreError, SyncRecord
@@ -89,6 +91,8 @@ CLOSE_TIMEOUT = 5.0  # seconds open API connections get to close at shutdown bef
 JSON_TYPE = b"application/json"
 # Batch entries judged per reactor turn (POST /v1/messages): ~10-20 ms of work each.
 BATCH_SLICE = 500
+# Answered without the bearer token: probes (Kubernetes, load balancers) carry none.
+PROBE_PATHS = frozenset({b"/readyz", b"/healthz"})
 NDJSON_TYPES = frozenset({b"application/x-ndjson", b"application/ndjson", b"application/jsonl"})
 EVENT_STREAM_TYPE = b"text/event-stream; charset=utf-8"
 HEARTBEAT = b": keepalive\n\n"  # an SSE comment: clients ignore it
@@ -606,10 +610,12 @@ class ApiResource(Resource):
         token: str = "",
         metrics_resource: IResource | None = None,
         accepting: Callable[[], bool] = lambda: True,
+        ready: Callable[[], bool] = lambda: True,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         stream_buffer: int = STREAM_BUFFER,
     ) -> None:
         super().__init__()
+        self.ready = ready
         self.upstream = upstream
         self.store = store
         self.reactor = reactor
@@ -628,6 +634,8 @@ class ApiResource(Resource):
             Route("/v1/nodes/{node}/objects", {"GET": self._get_objects}),
             Route("/v1/events", {"GET": self._get_events}),
             Route("/openapi.json", {"GET": self._get_openapi}),
+            Route("/readyz", {"GET": self._get_readyz}),
+            Route("/healthz", {"GET": self._get_healthz}),
         ]
         if metrics_resource is not None:
             self.routes.append(Route("/metrics", {"GET": self._get_metrics}))
@@ -665,7 +673,7 @@ class ApiResource(Resource):
         return outcome  # type: ignore[no-any-return]  # bytes or NOT_DONE_YET: done by the handler
 
     def _authorize(self, request: Request) -> None:
-        if not self._token:
+        if not self._token or request.path in PROBE_PATHS:
             return
         values = request.requestHeaders.getRawHeaders(b"authorization") or []
         presented = b""
@@ -778,6 +786,8 @@ class ApiResource(Resource):
             raise _refusal(e) from None
         except StoreError as e:
             raise ApiError(http.SERVICE_UNAVAILABLE, f"sync store unavailable: {e}") from None
+        except HubNotRunning as e:
+            raise ApiError(http.SERVICE_UNAVAILABLE, str(e)) from None
         delivery = _Delivery(sent, node, message.msg_id)
         refused = delivery.refused_at_once
         if refused is not None:
@@ -839,6 +849,8 @@ class ApiResource(Resource):
                 outcomes = self.upstream.send_many(valid)
             except StoreError as e:
                 raise ApiError(http.SERVICE_UNAVAILABLE, f"sync store unavailable: {e}") from None
+            except HubNotRunning as e:
+                raise ApiError(http.SERVICE_UNAVAILABLE, str(e)) from None
             for index, (_, message), refused in zip(positions, valid, outcomes, strict=True):
                 if refused is None:
                     accepted += 1
@@ -1005,6 +1017,14 @@ class ApiResource(Resource):
         stream.start(self.upstream)
         return NOT_DONE_YET
 
+    def _get_readyz(self, request: Request) -> _Reply:
+        if self.ready():
+            return _Reply(http.OK, {"status": "ok"})
+        return _Reply(http.SERVICE_UNAVAILABLE, {"status": "not ready"})
+
+    def _get_healthz(self, request: Request) -> _Reply:
+        return _Reply(http.OK, {"status": "ok"})
+
     def _get_openapi(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", JSON_TYPE)
         return self._openapi
@@ -1067,7 +1087,7 @@ class ApiRequest(BoundedRequest):
         return reason
 
 
-class ApiSite(Site):
+class ApiSite(AccessLog, Site):
     """The API's ``Site``; :attr:`resource` is the :class:`ApiResource`."""
 
     resource: ApiResource
@@ -1088,6 +1108,7 @@ def api_site(
     token: str = "",
     metrics_resource: IResource | None = None,
     accepting: Callable[[], bool] = lambda: True,
+    ready: Callable[[], bool] = lambda: True,
     heartbeat_interval: float = HEARTBEAT_INTERVAL,
     stream_buffer: int = STREAM_BUFFER,
 ) -> ApiSite:
@@ -1097,7 +1118,8 @@ def api_site(
     ``POST /v1/messages`` (``hub.api.maxBatchSize``); ``token`` (``hub.api.token``)
     when non-empty is required as a bearer token on every path, ``/metrics`` included;
     ``metrics_resource`` is served at ``/metrics``; ``accepting()`` False makes writes answer
-    503 (shutdown); ``reactor`` runs the ACK timeouts and stream heartbeats.
+    503 (shutdown); ``ready()`` answers ``/readyz`` (``/healthz``: the process serves; both
+    without the token, for probes); ``reactor`` runs the ACK timeouts and stream heartbeats.
     """
     resource = ApiResource(
         upstream,
@@ -1106,6 +1128,7 @@ def api_site(
         token=token,
         metrics_resource=metrics_resource,
         accepting=accepting,
+        ready=ready,
         heartbeat_interval=heartbeat_interval,
         stream_buffer=stream_buffer,
     )
@@ -1172,10 +1195,9 @@ class ApiService(ListeningService):
 
 
 def api_listener(config: HubConfig, site: ApiSite, reactor: IReactorTime) -> ApiService:
-    """The API port (``hub.api.address``/``port``) serving ``site``, as a service."""
+    """The API (``hub.api.endpoint``, or ``address``/``port``) serving ``site``, as a service."""
     settings = config.hub.api
-    endpoint_type = TCP6ServerEndpoint if ":" in settings.address else TCP4ServerEndpoint
-    endpoint = endpoint_type(reactor, settings.port, interface=settings.address)
+    endpoint = server_endpoint(reactor, settings.endpoint, settings.address, settings.port)
     return ApiService(endpoint, site, reactor)
 
 
@@ -1442,6 +1464,25 @@ def openapi_document(*, token_required: bool = False, metrics: bool = True) -> d
             }
         },
     }
+    for path, summary, unready in (
+        ("/readyz", "Readiness: every listener up and the store open", True),
+        ("/healthz", "Liveness: the hub process answers", False),
+    ):
+        responses: dict[str, Any] = {
+            "200": _json_response("ok", {"$ref": "#/components/schemas/Probe"}),
+        }
+        if unready:
+            responses["503"] = _json_response(
+                "Starting or stopping.", {"$ref": "#/components/schemas/Probe"}
+            )
+        paths[path] = {
+            "get": {
+                "operationId": path.strip("/"),
+                "summary": summary + " (no token needed)",
+                "security": [],
+                "responses": responses,
+            }
+        }
     if metrics:
         paths["/metrics"] = {
             "get": {
@@ -1478,6 +1519,11 @@ def openapi_document(*, token_required: bool = False, metrics: bool = True) -> d
 
 
 _SCHEMAS: dict[str, Any] = {
+    "Probe": {
+        "type": "object",
+        "properties": {"status": {"type": "string", "enum": ["ok", "not ready"]}},
+        "required": ["status"],
+    },
     "Message": {
         "type": "object",
         "description": "A beehive message in the WebSocket wire JSON (protocol §1.1).",

@@ -600,7 +600,8 @@ class HubRunner:
             }
         )
         self.config = config
-        self.hub = CloudHubService(config, reactor=reactor)
+        # Measured as the daemon runs: with its interpreter tuning.
+        self.hub = CloudHubService(config, reactor=reactor, interpreter_tuning=True)
         self.want_quic = bool(settings.get("quic"))
         self.want_api = bool(settings.get("api"))
         self.go_batch = max(1, int(settings.get("go_batch", 1000)))
@@ -644,7 +645,7 @@ class HubRunner:
                     "pid": os.getpid(),
                     "ports": ports,
                     "quic_problem": quic_problem,
-                    "token": self.hub.tokens.current,
+                    "token": self.hub.tokens.current if self.hub.tokens else "",
                     "api_token": self.api_token,
                     "listen_backlog": self.config.hub.listen_backlog,
                     "cpus": affinity,

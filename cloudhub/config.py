@@ -66,6 +66,14 @@ def _non_empty(value: str) -> str | None:
     return None if value else "must not be empty"
 
 
+def _endpoint(value: str) -> str | None:
+    if not value:
+        return None
+    from cloudhub.endpoints import endpoint_problem
+
+    return endpoint_problem(value)
+
+
 def _key(name: str, default: Any = MISSING, check: Check | None = None, **kw: Any) -> Any:
     """A dataclass field read from YAML key ``name`` (camelCase, as cloudcore spells it)."""
     metadata = {"key": name, "check": check}
@@ -84,6 +92,9 @@ class ListenerConfig:
     enable: bool = _key("enable", True)
     address: str = _key("address", "0.0.0.0", _ip_address)
     port: int = _key("port", 0, _port)
+    # Ours, not cloudcore's: a Twisted endpoint description (cloudhub/endpoints.py) that, when
+    # set, replaces address and port: tcp6:, unix:, systemd: socket activation.
+    endpoint: str = _key("endpoint", "", _endpoint)
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,7 @@ class ApiConfig:
     enable: bool = _key("enable", True)
     address: str = _key("address", "127.0.0.1", _ip_address)
     port: int = _key("port", 10350, _port)
+    endpoint: str = _key("endpoint", "", _endpoint)  # replaces address and port when set
     token: str = _key("token", "")
     max_batch_size: int = _key("maxBatchSize", 64 * MIB, _at_least(1024))
 
@@ -156,6 +168,8 @@ class HubSettings:
     metrics: MetricsConfig = _key("metrics", MetricsConfig())
     max_message_size: int = _key("maxMessageSize", 8 * MIB, _at_least(1024))
     listen_backlog: int = _key("listenBacklog", 1024, _at_least(1))
+    # One log event per HTTP request (API and certificate server), in the hub's log format.
+    access_log: bool = _key("accessLog", False)
     # Young-generation threshold of the garbage collector while the hub runs (tuning.py);
     # 0 leaves the interpreter's settings alone.
     gc_threshold: int = _key("gcThreshold", 50_000, _at_least(0))
@@ -179,12 +193,29 @@ class HubConfig:
     def store_path(self) -> str:
         return self.hub.store.path or self.data_path("cloudhub.db")
 
-    def as_dict(self) -> dict[str, Any]:
-        """The effective settings under their YAML names (for the startup log)."""
-        return {
+    def as_dict(self, redact: bool = False) -> dict[str, Any]:
+        """The effective settings under their YAML names (defaults filled in).
+
+        ``redact=True`` replaces every secret (:data:`SECRET_KEYS`) that is set with
+        ``"<redacted>"``: for the startup log and ``cloudhub check-config``.
+        """
+        settings = {
             "cloudHub": _to_yaml_dict(self.cloudhub),
             "hub": _to_yaml_dict(self.hub),
         }
+        if redact:
+            for dotted in SECRET_KEYS:
+                *parents, leaf = dotted.split(".")
+                section: Any = settings
+                for name in parents:
+                    section = section.get(name) if isinstance(section, dict) else None
+                if isinstance(section, dict) and section.get(leaf):
+                    section[leaf] = "<redacted>"
+        return settings
+
+
+# Keys whose values never appear in logs or in `cloudhub check-config` output.
+SECRET_KEYS = ("hub.api.token",)
 
 
 def _to_yaml_dict(obj: Any) -> dict[str, Any]:
@@ -285,11 +316,31 @@ def parse_config(data: Any, path: str = "<config>") -> HubConfig:
                 raise ConfigError(path, key, "unknown key (known top-level keys: cloudHub, hub)")
         cloudhub_data = data.get("cloudHub")
         cloudhub_prefix = "cloudHub"
-    return HubConfig(
+    config = HubConfig(
         cloudhub=_build(CloudHubConfig, cloudhub_data, path, cloudhub_prefix),
         hub=_build(HubSettings, data.get("hub"), path, "hub"),
         path=path,
     )
+    _check_parts(config, path, cloudhub_prefix)
+    return config
+
+
+def _check_parts(config: HubConfig, path: str, prefix: str) -> None:
+    """``enable: false`` either turns a part off or is refused: never silently ignored."""
+    hub = config.cloudhub
+    if not hub.enable:
+        raise ConfigError(
+            path,
+            f"{prefix}.enable",
+            "false would turn off the whole hub (cloudhub is the cloudHub module); "
+            "remove the key or set it to true",
+        )
+    if not hub.websocket.enable and not hub.quic.enable:
+        raise ConfigError(
+            path,
+            f"{prefix}.websocket.enable",
+            "no edge could connect: enable websocket (what edgecore uses) or quic",
+        )
 
 
 def load_config(path: str) -> HubConfig:

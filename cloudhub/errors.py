@@ -109,3 +109,7 @@ class Superseded(CloudHubError):
 
 class DeliveryStopped(CloudHubError):
     """The hub stopped before the message was delivered; it stays owed if it was stored."""
+
+
+class HubNotRunning(CloudHubError):
+    """The hub is starting or has stopped: the message was not accepted (send it again)."""

@@ -17,13 +17,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cloudhub import model
-from cloudhub.errors import InvalidMessage, MessageRefused, NodeRefused, StaleMessage
+from cloudhub.errors import (
+    DeliveryStopped,
+    HubNotRunning,
+    InvalidMessage,
+    MessageRefused,
+    NodeRefused,
+    StaleMessage,
+)
 from cloudhub.interfaces import CLOSE_POLICY, IConnection, IConnectionHandler
 from cloudhub.model import Message
 from cloudhub.queue import NodeQueue
 from cloudhub.session import RETRANSMIT_INTERVAL, NodeSession
 from cloudhub.stats import HubStats
-from cloudhub.store.interfaces import ISyncStore
+from cloudhub.store.interfaces import ISyncStore, SyncRecord
 
 log = Logger()
 
@@ -59,7 +66,13 @@ EventCallback = Callable[[NodeEvent], Any]
 
 @implementer(IConnectionHandler)
 class MessageHandle:
-    """Sessions, queues and routing for every node of one hub process."""
+    """Sessions, queues and routing for every node of one hub process.
+
+    A handle built with a ``store`` serves at once from what ``store.load()`` returns (tools,
+    tests). :class:`~cloudhub.service.CloudHubService` builds it with ``running=False`` and
+    calls :meth:`attach` once its store is open, :meth:`detach` when it stops: subscribers
+    stay across restarts, queues are rebuilt from the store at each start.
+    """
 
     def __init__(
         self,
@@ -68,6 +81,8 @@ class MessageHandle:
         node_limit: int = 500,
         retransmit_interval: float = RETRANSMIT_INTERVAL,
         store: ISyncStore | None = None,
+        *,
+        running: bool = True,
     ) -> None:
         self.reactor = reactor
         self.keepalive_interval = keepalive_interval
@@ -78,16 +93,44 @@ class MessageHandle:
         self._subscribers: list[tuple[MessageCallback, str | None]] = []
         self._event_subscribers: list[EventCallback] = []
         self.stats = HubStats()
-        self.store = store
+        self.store: ISyncStore | None = None
+        # False before the hub's start and after its stop: nothing is accepted then, so a
+        # message is never taken without the store that makes it durable.
+        self.running = running
         if store is not None:
-            restored = 0
-            for record in store.load():
-                self._queue(record.node_id).restore(record)
-                restored += record.pending is not None
-            if restored:
-                log.info(
-                    "{count} undelivered messages restored from the sync store", count=restored
-                )
+            self.attach(store, store.load())
+
+    def attach(self, store: ISyncStore, records: Iterable[SyncRecord]) -> int:
+        """Serve from ``store``, whose ``records`` (in ``seq`` order) become the node queues.
+
+        Starts accepting messages; returns how many undelivered messages were restored.
+        """
+        self.store = store
+        self.queues = {}
+        restored = 0
+        for record in records:
+            self._queue(record.node_id).restore(record)
+            restored += record.pending is not None
+        if restored:
+            log.info("{count} undelivered messages restored from the sync store", count=restored)
+        self.running = True
+        return restored
+
+    def stop_accepting(self) -> None:
+        """Refuse new messages from now on (:class:`HubNotRunning`); the hub is stopping."""
+        self.running = False
+
+    def detach(self) -> None:
+        """Let go of the store and the queues (the hub stopped; sessions are closed first).
+
+        Whoever still waits on a :meth:`send` gets :class:`DeliveryStopped`: what the store
+        holds stays owed and is delivered after the next start.
+        """
+        self.running = False
+        queues, self.queues = self.queues, {}
+        for queue in queues.values():
+            queue.stop_waiting(_stopped_error(queue.node_id))
+        self.store = None
 
     # --- IConnectionHandler -----------------------------------------------------------------
 
@@ -204,6 +247,8 @@ class MessageHandle:
 
     def send(self, node_id: str, message: Message) -> Deferred[Message]:
         """Queue ``message`` for ``node_id`` (connected or not); see :meth:`NodeQueue.offer`."""
+        if not self.running:
+            raise HubNotRunning("the hub is not running: nothing was accepted")
         if not node_id:
             raise InvalidMessage(node_id, "no node id")
         message = _to_wire(node_id, message)
@@ -219,6 +264,8 @@ class MessageHandle:
         ``None`` means accepted; a :class:`MessageRefused` (stale, invalid) says why not. What
         was accepted is durable once :meth:`flush` fires.
         """
+        if not self.running:
+            raise HubNotRunning("the hub is not running: nothing was accepted")
         results: list[MessageRefused | None] = []
         stats = self.stats
         for node_id, message in entries:
@@ -292,6 +339,15 @@ class MessageHandle:
             )
             for s in self.sessions.values()
         ]
+
+
+def _stopped_error(node_id: str) -> Callable[[str], Exception]:
+    def error(msg_id: str) -> Exception:
+        return DeliveryStopped(
+            f"the hub stopped before message {msg_id} for node {node_id!r} was delivered"
+        )
+
+    return error
 
 
 def _to_wire(node_id: str, message: Message) -> Message:

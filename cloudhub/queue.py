@@ -329,6 +329,21 @@ class NodeQueue:
         taken, self.no_ack = self.no_ack, []
         return taken
 
+    def stop_waiting(self, error: Callable[[str], Exception]) -> None:
+        """Fail every Deferred still waiting here with ``error(msg_id)`` (the hub stopped).
+
+        Pending messages stay in the store; queued no-ACK messages were never stored and are
+        let go, as at a restart.
+        """
+        for entry in self.pending.values():
+            waiters, entry.waiters = entry.waiters, []
+            for waiter in waiters:
+                waiter.errback(error(entry.message.msg_id))
+        backlog, self.no_ack = self.no_ack, []
+        for message, no_ack_waiter in backlog:
+            if no_ack_waiter is not None:
+                no_ack_waiter.errback(error(message.msg_id))
+
     def forget_superseded(self, msg_id: str) -> None:
         """Drop the ACK index of a superseded message once it can no longer be in flight."""
         uid = self.by_msg_id.get(msg_id)

@@ -2,50 +2,83 @@
 
 Built from a :class:`~cloudhub.config.HubConfig`; twistd runs it through ``cloudhub.tap``, and
 an existing Twisted application embeds it with ``service.setServiceParent(application)``.
-Children: the join-token refresher, the certificate server (HTTPS), the WebSocket listener,
-the QUIC listener (when enabled) and the HTTP API.
-Applications talk to the hub through :attr:`CloudHubService.upstream`.
+
+Construction does no I/O. Each ``startService`` loads the certificate authority and opens the
+sync store (in threads, so the reactor never waits on a disk), restores what the store holds,
+then adds and starts the parts: the join-token refresher, the certificate server (HTTPS), the
+WebSocket listener, the QUIC listener (when enabled), the HTTP API and, when asked for, the
+interpreter tuning. ``stopService`` stops them, commits what was accepted, closes what the
+start opened and removes the parts, so the hub can start again.
+
+What an embedder passes in (txacme style) is used as given and never closed by the hub: a
+``store`` (any :class:`~cloudhub.store.ISyncStore`), an ``authority``. What it does not pass is
+built from the config at each start and released at each stop.
+Applications talk to the hub through :attr:`CloudHubService.upstream`, which lives as long as
+the service object (subscriptions survive restarts).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from cloudhub.api import ApiService, api_listener, api_site
 from cloudhub.certs.authority import CertificateAuthority
 from cloudhub.certs.tls import server_tls_options
 from cloudhub.certs.token import TokenIssuer
-from cloudhub.certs.web import certificate_site
+from cloudhub.certs.web import CertificateSite, certificate_site
 from cloudhub.config import HubConfig
+from cloudhub.endpoints import server_endpoint
+from cloudhub.errors import HubNotRunning
 from cloudhub.handler import MessageHandle
 from cloudhub.interfaces import CLOSE_GOING_AWAY
 from cloudhub.listening import ListeningService
 from cloudhub.metrics import HubMetrics
-from cloudhub.store import open_store
+from cloudhub.store import MemorySyncStore, open_store
+from cloudhub.store.interfaces import ISyncStore, SyncRecord
 from cloudhub.tuning import InterpreterTuning
 from cloudhub.upstream import Upstream
 
+__all__ = ["CloudHubService"]
+
 log = Logger()
+
+Ports = dict[str, int | str]
 
 
 class CloudHubService(MultiService):
     """The hub: certificate server, edge transports and delivery core as child services.
 
-    The CA and server certificate are loaded or created when the service is built, so a bad
-    certificate file stops startup before anything listens.
+    :param config: the settings (:func:`cloudhub.config.load_config`, or ``HubConfig()``).
+    :param reactor: the reactor to run on (default: the global one).
+    :param store: a sync store to use instead of the configured one; the caller owns it
+        (the hub flushes it at stop, never closes it).
+    :param authority: a certificate authority to use instead of loading or creating the
+        configured one.
+    :param interpreter_tuning: apply ``hub.gcThreshold`` / ``hub.switchIntervalMicroseconds``
+        to the whole process while the hub runs. ``twistd cloudhub`` does; an application
+        that embeds the hub keeps its interpreter as it is unless it asks.
 
     :ivar upstream: the API to send to nodes and hear from them (:class:`Upstream`).
-    :ivar ready: fires with ``{listener name: port}`` once every listener is bound.
+    :ivar is_ready: True between a start's completion and the next stop.
     """
 
-    def __init__(self, config: HubConfig, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        config: HubConfig,
+        reactor: Any = None,
+        *,
+        store: ISyncStore | None = None,
+        authority: CertificateAuthority | None = None,
+        interpreter_tuning: bool = False,
+    ) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -53,123 +86,259 @@ class CloudHubService(MultiService):
             reactor = global_reactor
         self.config = config
         self.reactor = reactor
-        self.is_ready = False
-        self.ready: Deferred[dict[str, int]] = Deferred()
+        self.interpreter_tuning = interpreter_tuning
+        if store is None and config.hub.store.type == "memory":
+            # Lives as long as this object: a restart in the same process keeps what is owed.
+            store = MemorySyncStore()
+        self._given_store = store
+        self._given_authority = authority
+        self.store: ISyncStore | None = store
+        self.authority: CertificateAuthority | None = authority
+
         hub = config.cloudhub
-
-        self.authority = CertificateAuthority.load_or_create(config)
-        self.tokens = TokenIssuer(self.authority, hub.token_refresh_duration, reactor)
-        self.tokens.setServiceParent(self)
-
-        self.store = open_store(config.hub.store.type, config.store_path, reactor)
         self.handle = MessageHandle(
             reactor,
             keepalive_interval=hub.keepalive_interval,
             node_limit=hub.node_limit,
-            store=self.store,
+            running=False,
         )
         self.upstream = Upstream(self.handle)
 
-        self.certificate_site = certificate_site(
-            self.authority, self.tokens, reactor, ready=lambda: self.is_ready
-        )
-        https = SSL4ServerEndpoint(
-            reactor,
-            hub.https.port,
-            server_tls_options(self.authority, "request"),
-            backlog=config.hub.listen_backlog,
-            interface=hub.https.address,
-        )
-        self.https = ListeningService("https", https, self.certificate_site)
-        self.https.setServiceParent(self)
+        self.is_ready = False
+        # The parts one start added (removed at its stop), and the outcome of that start.
+        self._parts: list[IService] = []
+        self._outcome: Ports | Failure | None = None
+        self._observers: list[Deferred[Ports]] = []
+        # What the last startService() returned: whoever runs the hub may handle its failure
+        # there (tap.py does) rather than leave it to "Unhandled error in Deferred".
+        self.started: Deferred[Ports] | None = None
 
+        self.tokens: TokenIssuer | None = None
+        self.certificate_site: CertificateSite | None = None
+        self.https: ListeningService | None = None
         self.metrics: HubMetrics | None = None
+        self.websocket: ListeningService | None = None
+        self.quic: ListeningService | None = None
+        self.api: Any = None  # cloudhub.api.ApiService
+        self.tuning: InterpreterTuning | None = None
+
+    # --- readiness ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> Deferred[Ports]:
+        """Fires with ``{listener name: port}`` (a UNIX socket: its path) when the current or
+        next start is complete, or fails with why it could not start. A new outcome per start."""
+        if self._outcome is None:
+            waiter: Deferred[Ports] = Deferred()
+            self._observers.append(waiter)
+            return waiter
+        if isinstance(self._outcome, Failure):
+            return fail(self._outcome)
+        return succeed(self._outcome)
+
+    def _settle(self, outcome: Ports | Failure) -> None:
+        self._outcome = outcome
+        observers, self._observers = self._observers, []
+        for waiter in observers:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
+
+    # --- start ------------------------------------------------------------------------------
+
+    def startService(self) -> Deferred[Ports]:  # type: ignore[override]
+        """Start the hub; returns :attr:`ready` for this start."""
+        if self.running:
+            return self.ready
+        settings = self.config.as_dict(redact=True)
+        log.info(
+            "cloudhub starting with {path}: {settings}",
+            path=self.config.path,
+            settings=json.dumps(settings, sort_keys=True),
+        )
+        self._outcome = None
+        self.is_ready = False
+        ready = self.started = self.ready
+        super().startService()  # running; any child an embedder added starts now
+        starting = self._open()
+        starting.addCallback(self._start_parts)
+        starting.addCallback(lambda _: self._await_listeners())
+        starting.addCallbacks(self._started, self._start_failed)
+        return ready
+
+    def _open(self) -> Deferred[tuple[CertificateAuthority, ISyncStore, list[SyncRecord]]]:
+        """The authority and the store with its records, read without blocking the reactor."""
+        if self._given_authority is not None:
+            authority: Deferred[CertificateAuthority] = succeed(self._given_authority)
+        else:
+            authority = self._in_thread(CertificateAuthority.load_or_create, self.config)
+
+        def open_store_and_read(authority: CertificateAuthority) -> Deferred[Any]:
+            self.authority = authority
+            if self._given_store is not None:
+                store = self._given_store
+                return store.records().addCallback(lambda records: (authority, store, records))
+            opened = self._in_thread(self._open_configured_store)
+
+            def opened_store(result: tuple[ISyncStore, list[SyncRecord]]) -> Any:
+                self.store = result[0]  # closed at stop, whatever happens next
+                return authority, result[0], result[1]
+
+            return opened.addCallback(opened_store)
+
+        return authority.addCallback(open_store_and_read)
+
+    def _open_configured_store(self) -> tuple[ISyncStore, list[SyncRecord]]:
+        store = open_store(self.config.hub.store.type, self.config.store_path, self.reactor)
+        try:
+            return store, store.load()
+        except BaseException:
+            store.close()
+            raise
+
+    def _in_thread(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)
+
+    def _start_parts(
+        self, opened: tuple[CertificateAuthority, ISyncStore, list[SyncRecord]]
+    ) -> None:
+        if not self.running:
+            raise HubNotRunning("cloudhub was stopped before it was ready")
+        authority, store, records = opened
+        self.handle.attach(store, records)
+        config, hub, reactor = self.config, self.config.cloudhub, self.reactor
+
+        self.tokens = self._add(TokenIssuer(authority, hub.token_refresh_duration, reactor))
+        self.certificate_site = certificate_site(
+            authority, self.tokens, reactor, ready=lambda: self.is_ready
+        )
+        self.certificate_site.access_log = config.hub.access_log
         if config.hub.metrics.enable:
             self.metrics = HubMetrics(self.handle, self.certificate_site.counters)
-
-        self.websocket: ListeningService | None = None
+        if hub.https.enable:
+            endpoint = server_endpoint(
+                reactor,
+                hub.https.endpoint,
+                hub.https.address,
+                hub.https.port,
+                config.hub.listen_backlog,
+            )
+            tls = TLSMemoryBIOFactory(
+                server_tls_options(authority, "request"), False, self.certificate_site
+            )
+            self.https = self._add(ListeningService("https", endpoint, tls))
         if hub.websocket.enable:
             from cloudhub.transport.websocket import websocket_listener
 
-            self.websocket = websocket_listener(config, self.authority, self.handle, reactor)
-            self.websocket.setServiceParent(self)
-
-        self.quic: ListeningService | None = None
+            self.websocket = self._add(websocket_listener(config, authority, self.handle, reactor))
         if hub.quic.enable:
             from cloudhub.transport.quic import quic_listener
 
-            self.quic = quic_listener(config, self.authority, self.handle, reactor)
-            self.quic.setServiceParent(self)
-
-        # Added last, stopped first: no API write is accepted once the hub stops.
-        self.api: ApiService | None = None
+            self.quic = self._add(quic_listener(config, authority, self.handle, reactor))
         if config.hub.api.enable:
+            from cloudhub.api import api_listener, api_site
+
             site = api_site(
                 self.upstream,
-                self.store,
+                store,
                 reactor,
                 max_body=config.hub.max_message_size,
                 max_batch=config.hub.api.max_batch_size,
                 token=config.hub.api.token,
                 metrics_resource=self.metrics.resource() if self.metrics is not None else None,
                 accepting=lambda: bool(self.running),
+                ready=lambda: self.is_ready,
             )
-            self.api = api_listener(config, site, reactor)
-            self.api.setServiceParent(self)
+            site.access_log = config.hub.access_log
+            # Added after the edge listeners, so stopped before them: no API write is
+            # accepted once the hub stops.
+            self.api = self._add(api_listener(config, site, reactor))
+        if self.interpreter_tuning and (config.hub.gc_threshold or config.hub.switch_interval_us):
+            # Added last: what it freezes includes everything built above.
+            self.tuning = self._add(
+                InterpreterTuning(config.hub.gc_threshold, config.hub.switch_interval_us / 1e6)
+            )
 
-        # Started last: what it freezes includes everything built above.
-        self.tuning: InterpreterTuning | None = None
-        if config.hub.gc_threshold or config.hub.switch_interval_us:
-            self.tuning = InterpreterTuning(
-                config.hub.gc_threshold, config.hub.switch_interval_us / 1_000_000
-            )
-            self.tuning.setServiceParent(self)
+    def _add(self, part: Any) -> Any:
+        self._parts.append(part)
+        part.setServiceParent(self)  # running: started now
+        return part
 
     def listeners(self) -> list[ListeningService]:
         return [s for s in self if isinstance(s, ListeningService)]
 
-    def startService(self) -> None:
-        settings = self.config.as_dict()
-        if settings["hub"]["api"]["token"]:
-            settings["hub"]["api"]["token"] = "<redacted>"
-        log.info(
-            "cloudhub starting with {path}: {settings}",
-            path=self.config.path,
-            settings=json.dumps(settings, sort_keys=True),
-        )
-        super().startService()
-        self.reactor.callWhenRunning(self._await_listeners)
-
-    def _await_listeners(self) -> None:
+    def _await_listeners(self) -> Deferred[Ports]:
         listeners = self.listeners()
-
-        def bound(_: object) -> dict[str, int]:
-            ports = {str(s.name): s.bound_port for s in listeners}
-            self.is_ready = True
-            log.info("cloudhub ready: {ports}", ports=json.dumps(ports, sort_keys=True))
-            return ports
-
-        def failed(failure: Failure) -> None:
-            log.critical("cloudhub cannot start: {error}", error=failure.getErrorMessage())
-            if self.reactor.running:
-                self.reactor.stop()
-
         listening: Deferred[Any] = gatherResults(
             [s.listening for s in listeners], consumeErrors=True
         )
-        listening.addCallbacks(bound, lambda f: f.value.subFailure)
-        listening.chainDeferred(self.ready)
-        self.ready.addErrback(failed)
+        listening.addErrback(_first_error)
+        return listening.addCallback(lambda _: {str(s.name): s.bound for s in listeners})
 
-    def stopService(self) -> Deferred[None] | None:
+    def _started(self, ports: Ports) -> None:
+        if not self.running:
+            self._start_failed(Failure(HubNotRunning("cloudhub was stopped before it was ready")))
+            return
+        self.is_ready = True
+        log.info("cloudhub ready: {ports}", ports=json.dumps(ports, sort_keys=True))
+        self._settle(ports)
+
+    def _start_failed(self, failure: Failure) -> None:
+        if self.running:
+            log.critical("cloudhub cannot start: {error}", error=failure.getErrorMessage())
+        self._settle(failure)
+
+    # --- stop -------------------------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        """Stop: close the nodes' connections, stop the parts, commit what was accepted,
+        close what the start opened. Fires when all of that is done."""
+        if not self.running:
+            return succeed(None)
         log.info("cloudhub stopping")
         self.is_ready = False
         self.handle.close_all(CLOSE_GOING_AWAY, "hub shutting down")
-        stopped: Deferred[Any] = super().stopService()
-        # Listeners first, then what they accepted is committed and the store closed.
-        stopped.addBoth(lambda _: self.store.close())
-        stopped.addErrback(lambda f: log.failure("closing the sync store failed", f))
+        stopped: Deferred[Any] = super().stopService()  # the parts, the API first
+        stopped.addErrback(lambda f: log.failure("stopping a part of the hub failed", f))
+        if self._outcome is None:
+            # Still opening (threads cannot be interrupted): wait for it, then undo it.
+            stopped.addCallback(lambda _: self._when_settled())
+        else:
+            self._outcome = None  # ``ready`` now waits for the next start
+        stopped.addCallback(lambda _: self._release())
         return stopped
+
+    def _when_settled(self) -> Deferred[None]:
+        settled: Deferred[None] = Deferred()
+        self.ready.addBoth(lambda _: settled.callback(None))
+        return settled
+
+    def _release(self) -> Deferred[None]:
+        if self.running:
+            return succeed(None)  # started again meanwhile: what is open is in use
+        self._outcome = None
+        if self.metrics is not None:
+            self.metrics.close()
+        self.handle.detach()
+        parts, self._parts = self._parts, []
+        for part in parts:
+            part.disownServiceParent()
+        self.tokens = self.certificate_site = self.https = self.metrics = None
+        self.websocket = self.quic = self.api = self.tuning = None
+        if self._given_authority is None:
+            self.authority = None
+        store, given = self.store, self._given_store
+        if store is None:
+            return succeed(None)
+        if store is given:
+            # The embedder's (or the in-memory one this service keeps): committed, left open.
+            done = store.flush()
+        else:
+            self.store = None
+            done = store.close()
+        done.addErrback(lambda f: log.failure("closing the sync store failed", f))
+        return done
 
     def port(self, name: str) -> int:
         """The bound port of listener ``name`` (``https``, ``websocket``, ...)."""
@@ -177,3 +346,8 @@ class CloudHubService(MultiService):
             if listener.name == name:
                 return listener.bound_port
         raise KeyError(name)
+
+
+def _first_error(failure: Failure) -> Failure:
+    """The failure of the listener that could not listen (gatherResults wraps it)."""
+    return failure.value.subFailure  # type: ignore[no-any-return,union-attr]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
+from cloudhub import __version__
 from cloudhub.config import HubConfig, load_config
 from cloudhub.errors import CloudHubError
 
@@ -25,6 +29,16 @@ class Options(usage.Options):
         ],
     ]
 
+    def opt_version(self) -> None:
+        """Print cloudhub's version and exit."""
+        print(f"cloudhub {__version__}")
+        raise SystemExit(0)
+
+
+# The exit status of a hub that could not start (a port taken, a bad CA file, a store that
+# cannot be opened): twistd itself would exit 0 once the reactor stopped.
+EXIT_START_FAILED = 1
+
 
 def makeService(options: Options | dict[str, Any]) -> IService:
     from twisted.internet import reactor
@@ -34,13 +48,39 @@ def makeService(options: Options | dict[str, Any]) -> IService:
     path = options["config"]
     try:
         config = load_config(path) if path else HubConfig()
-        service = CloudHubService(config, reactor=reactor)
     except CloudHubError as e:
         # One line that names the file, key and problem; twistd exits non-zero.
         raise SystemExit(f"cloudhub: {e}") from None
+    # The daemon owns its process: interpreter tuning on (embedders opt in).
+    service = CloudHubService(config, reactor=reactor, interpreter_tuning=True)
     reactor.callWhenRunning(install_stop_handlers, reactor)
+    reactor.callWhenRunning(stop_if_start_fails, service, reactor)
     quiet_library_loggers()
     return service
+
+
+def stop_if_start_fails(service: Any, reactor: Any) -> None:
+    """A hub that cannot start stops the daemon, which then exits with a non-zero status."""
+
+    def failed(failure: Failure) -> None:
+        if not reactor.running:
+            return
+        reactor.addSystemEventTrigger("after", "shutdown", _exit, EXIT_START_FAILED)
+        reactor.stop()
+
+    if service.started is not None:
+        service.started.addErrback(failed)
+
+
+def _exit(status: int) -> None:
+    # After the hub's stopService (a "before shutdown" trigger) closed the store: nothing is
+    # left to write but buffered log lines.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stream: nothing more can be said on it
+    os._exit(status)
 
 
 def quiet_library_loggers() -> None:

@@ -21,7 +21,7 @@ from cloudhub.service import CloudHubService
 
 @inlineCallbacks
 def main(config_path: str, plan_path: str):
-    hub = CloudHubService(load_config(config_path), reactor=reactor)
+    hub = CloudHubService(load_config(config_path), reactor=reactor, interpreter_tuning=True)
     hub.startService()
     # SIGTERM/SIGINT stop the reactor; stop the hub first, as twistd does.
     reactor.addSystemEventTrigger("before", "shutdown", hub.stopService)

@@ -46,9 +46,11 @@ class ServiceTests(TestCase):
     def test_restart_keeps_ca_and_accepts_earlier_token(self):
         base = os.path.abspath(self.mktemp())
         config = hub_config(base)
-        first = CloudHubService(config, reactor=reactor)
+        first = self.start(config)
+        yield first.ready
         token = first.tokens.current
         ca_der = first.authority.ca_der
+        yield first.stopService()
         hub = self.start(config)
         yield hub.ready
         self.assertEqual(hub.authority.ca_der, ca_der)
@@ -82,7 +84,7 @@ class InterpreterTuningTests(TestCase):
         base = os.path.abspath(self.mktemp())
         data = hub_config(base).as_dict()
         data["hub"].update(hub_settings)
-        return CloudHubService(parse_config(data), reactor=reactor)
+        return CloudHubService(parse_config(data), reactor=reactor, interpreter_tuning=True)
 
     @inlineCallbacks
     def test_set_while_running_then_restored(self):
@@ -102,16 +104,28 @@ class InterpreterTuningTests(TestCase):
     def test_two_hubs_restored_when_the_last_stops(self):
         first = self.hub(gcThreshold=23456)
         second = self.hub(gcThreshold=34567)
-        first.startService()
-        second.startService()
-        yield first.ready
-        yield second.ready
+        yield first.startService()
+        yield second.startService()
         tuned = self.now()
         self.assertEqual(tuned[0][0], 23456)  # the first one's settings stand
         yield first.stopService()
         self.assertEqual(self.now(), tuned)  # the second hub still runs
         yield second.stopService()
         self.assertEqual(self.now(), self.before)
+
+    @inlineCallbacks
+    def test_embedded_hub_leaves_the_interpreter_alone_unless_asked(self):
+        from cloudhub.config import parse_config
+
+        base = os.path.abspath(self.mktemp())
+        data = hub_config(base).as_dict()
+        data["hub"].update(gcThreshold=12345, switchIntervalMicroseconds=700)
+        hub = CloudHubService(parse_config(data), reactor=reactor)
+        hub.startService()
+        yield hub.ready
+        self.assertIsNone(hub.tuning)
+        self.assertEqual(self.now(), self.before)
+        yield hub.stopService()
 
     @inlineCallbacks
     def test_zero_leaves_the_interpreter_alone(self):

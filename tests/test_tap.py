@@ -114,3 +114,56 @@ class TwistdTests(SynchronousTestCase):
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+class TwistdLifecycleTests(SynchronousTestCase):
+    def mktemp_dir(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
+
+    def test_version(self) -> None:
+        from cloudhub import __version__
+
+        out = subprocess.run(
+            TWISTD + ["cloudhub", "--version"],
+            capture_output=True,
+            text=True,
+            env=twistd_env(),
+            cwd=self.mktemp_dir(),
+            timeout=60,
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout.strip(), f"cloudhub {__version__}")
+
+    def test_port_taken_exits_non_zero_with_one_critical_line(self) -> None:
+        import socket
+
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        self.addCleanup(taken.close)
+        workdir = self.mktemp_dir()
+        config = os.path.join(workdir, "hub.yaml")
+        with open(config, "w") as f:
+            f.write(
+                "cloudHub:\n"
+                "  tlsCAFile: ca/missing.crt\n  tlsCAKeyFile: ca/missing.key\n"
+                "  tlsCertFile: certs/missing.crt\n  tlsPrivateKeyFile: certs/missing.key\n"
+                f"  websocket: {{address: 127.0.0.1, port: {taken.getsockname()[1]}}}\n"
+                "  https: {address: 127.0.0.1, port: 0}\n"
+                "hub:\n  dataDir: data\n  api: {port: 0}\n"
+            )
+        out = subprocess.run(
+            TWISTD + ["-n", "--pidfile=", "cloudhub", "--config", config],
+            capture_output=True,
+            text=True,
+            env=twistd_env(),
+            cwd=workdir,
+            timeout=60,
+        )
+        output = out.stdout + out.stderr
+        self.assertEqual(out.returncode, tap.EXIT_START_FAILED, output)
+        self.assertIn("cloudhub cannot start", output)
+        self.assertIn("Address already in use", output)
+        self.assertNotIn("Unhandled error in Deferred", output)

@@ -36,6 +36,7 @@ from cloudhub.certs.authority import CertificateAuthority
 from cloudhub.certs.ratelimit import FailureLimiter
 from cloudhub.certs.token import TokenIssuer
 from cloudhub.errors import CertificateError, TokenError
+from cloudhub.logs import AccessLog
 
 log = Logger()
 
@@ -433,7 +434,7 @@ class Readiness(_Endpoint):
         return _respond(request, http.SERVICE_UNAVAILABLE, b"not ready")
 
 
-class CertificateSite(Site):
+class CertificateSite(AccessLog, Site):
     """The certificate server's ``Site``; :attr:`counters` and :attr:`limiter` are public."""
 
     counters: CertificateCounters

@@ -51,7 +51,6 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IDelayedCall, ITransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -62,6 +61,7 @@ from zope.interface import implementer
 from cloudhub.certs.authority import CertificateAuthority
 from cloudhub.certs.tls import server_tls_options
 from cloudhub.config import HubConfig
+from cloudhub.endpoints import server_endpoint
 from cloudhub.errors import DecodeError, NodeRefused
 from cloudhub.interfaces import (
     CLOSE_INVALID_PAYLOAD,
@@ -538,7 +538,8 @@ def websocket_listener(
     handler: IConnectionHandler,
     reactor: Reactor,
 ) -> ListeningService:
-    """The WebSocket port (``cloudHub.websocket``) with mutual TLS, as a service.
+    """The WebSocket port (``cloudHub.websocket``: ``endpoint``, or ``address``/``port``) with
+    mutual TLS, as a service.
 
     Client certificates are required and verified against the hub's CA; messages are limited
     to ``hub.maxMessageSize``; the listen backlog is ``hub.listenBacklog``.
@@ -548,7 +549,7 @@ def websocket_listener(
     tls = UnbufferedTLSFactory(
         server_tls_options(authority, "require"), False, factory, clock=reactor
     )
-    endpoint = TCP4ServerEndpoint(
-        reactor, settings.port, backlog=config.hub.listen_backlog, interface=settings.address
+    endpoint = server_endpoint(
+        reactor, settings.endpoint, settings.address, settings.port, config.hub.listen_backlog
     )
     return ListeningService("websocket", endpoint, tls)
