@@ -3,28 +3,121 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from cloudhub import __version__
 from cloudhub.config import HubConfig, load_config
 from cloudhub.errors import CloudHubError
 
 
 def _config(path: str | None) -> HubConfig:
+    """The config as ``twistd cloudhub`` loads it: the file, or the built-in defaults."""
     return load_config(path) if path else HubConfig()
 
 
 def token(args: argparse.Namespace) -> int:
-    """Print a join token for edges (like ``keadm gettoken``): the token alone on stdout."""
+    """Print a join token for edges (like ``keadm gettoken``): the token alone on stdout.
+
+    Reads the CA only and creates nothing: run as root without ``--config`` it must not
+    leave a stray CA under /var/lib/cloudhub that no hub uses.
+    """
     from cloudhub.certs.token import issue_token
 
     print(issue_token(_config(args.config)))
     return 0
 
 
+def init(args: argparse.Namespace) -> int:
+    """Create the data directory, the CA and the server certificate as the hub does at start.
+
+    For operators who want the CA (and so a join token) before the first start, or who
+    provision the files with their tools. A second run finds them and changes nothing.
+    """
+    from cloudhub.certs.authority import (
+        CertificateAuthority,
+        certificate_names,
+        find_ca,
+        find_server_pair,
+        utc_now,
+    )
+
+    config = _config(args.config)
+    had_data_dir = os.path.isdir(config.hub.data_dir)
+    had_ca = find_ca(config) is not None
+    had_server = None
+    skipped: list[tuple[str, str]] = []  # what the hub passes over (and maybe replaces)
+    if had_ca:
+        ca = CertificateAuthority.load_ca(config)
+        had_server, skipped = find_server_pair(config, ca.certificate, utc_now())
+    authority = CertificateAuthority.load_or_create(config)
+    ca = CertificateAuthority.load_ca(config)
+    server, skipped_now = find_server_pair(config, authority.ca_certificate, utc_now())
+    if not had_ca:  # only now is there a CA to check them against
+        skipped = skipped_now
+    if server is None:  # pragma: no cover - load_or_create has just made one
+        raise CloudHubError("no usable server certificate after creating one: is a hub running?")
+    kept_server = had_server is not None and had_server.certificate == server.certificate
+    if not had_data_dir:
+        print(f"created the data directory {config.hub.data_dir}")
+    print(f"{'found the existing' if had_ca else 'created the'} CA: {ca.path} (key {ca.key_path})")
+    print(f"  sha256: {ca.ca_hash} (the first part of every join token)")
+    for path, problem in skipped:
+        print(f"not using the server certificate {path}: {problem}")
+    verb = "found the existing" if kept_server else "created the"
+    print(f"{verb} server certificate: {server.path} (key {server.key_path})")
+    print(f"  names: {', '.join(certificate_names(server.certificate)) or '(none)'}")
+    if had_data_dir and had_ca and kept_server:
+        print("nothing changed")
+    return 0
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """Validate the config as start-up does and print the effective settings as YAML.
+
+    Secrets are redacted; the output loads back as the same config. Reads only: no data
+    directory, CA or lock file is created. A bad config or certificate file exits 1 with the
+    one line the hub would print at start-up.
+    """
+    import yaml
+
+    from cloudhub.certs.authority import (
+        CertificateAuthority,
+        certificate_names,
+        find_ca,
+        find_server_pair,
+        server_candidates,
+        utc_now,
+    )
+
+    config = _config(args.config)
+    if args.config:
+        lines = [
+            f"# {args.config}: valid; effective settings, defaults filled in, secrets redacted"
+        ]
+    else:
+        lines = ["# no --config: the built-in defaults, as `twistd cloudhub` uses them"]
+    if find_ca(config) is None:
+        lines.append(f"# no CA yet: the hub creates one in {config.data_path('ca')} at first start")
+    else:
+        ca = CertificateAuthority.load_ca(config)
+        lines.append(f"# CA: {ca.path} (key {ca.key_path}), sha256 {ca.ca_hash}")
+        server, rejected = find_server_pair(config, ca.certificate, utc_now())
+        for path, problem in rejected:
+            lines.append(f"# not using the server certificate {path}: {problem}")
+        if server is None:
+            directory = os.path.dirname(server_candidates(config)[-1][0])
+            lines.append(f"# no usable server certificate: the hub creates one in {directory}")
+        else:
+            names = ", ".join(certificate_names(server.certificate)) or "no names"
+            lines.append(f"# server certificate: {server.path} ({names})")
+    print("\n".join(lines))
+    print(yaml.safe_dump(config.as_dict(redact=True), sort_keys=False), end="")
+    return 0
+
+
 def sync(args: argparse.Namespace) -> int:
     """Print what the hub owes each node and what each node acknowledged, per object."""
-    import os
-
     from twisted.internet import reactor
 
     from cloudhub.store import SQLiteSyncStore
@@ -152,12 +245,23 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloudhub", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cloudhub {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    init_parser = commands.add_parser(
+        "init", help="create the data directory, CA and server certificate, as the hub does"
+    )
+    init_parser.add_argument("--config", "-c", help="the hub's config file")
+    init_parser.set_defaults(func=init)
     token_parser = commands.add_parser(
         "token", help="print a join token for edge nodes (valid 2 × tokenRefreshDuration)"
     )
     token_parser.add_argument("--config", "-c", help="the hub's config file")
     token_parser.set_defaults(func=token)
+    check_parser = commands.add_parser(
+        "check-config", help="validate the config; print the effective settings as YAML"
+    )
+    check_parser.add_argument("--config", "-c", help="the hub's config file")
+    check_parser.set_defaults(func=check_config)
     sync_parser = commands.add_parser(
         "sync", help="per object: resource, acknowledged and pending version, attempts, error"
     )

@@ -6,6 +6,7 @@ import ipaddress
 import multiprocessing
 import os
 import stat
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL.crypto import X509
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from cloudhub.certs.authority import (
     CertificateAuthority,
@@ -307,6 +308,155 @@ class ConfiguredFilesTests(SynchronousTestCase):
         )
         e = self.assertRaises(CertificateError, CertificateAuthority.load_or_create, config)
         self.assertIn("does not belong", str(e))
+
+
+class ReadOnlyLoadTests(SynchronousTestCase):
+    """load and load_ca: the tools read what the hub would use, and never create a file."""
+
+    def setUp(self) -> None:
+        self.base = self.mktemp()
+        self.config = make_config(self.base)
+
+    def created(self) -> CertificateAuthority:
+        authority = CertificateAuthority.load_or_create(self.config)
+        os.unlink(self.config.data_path(".certs.lock"))
+        return authority
+
+    def assertNothingCreated(self) -> None:
+        self.assertFalse(os.path.exists(self.base))
+
+    def test_same_as_load_or_create(self) -> None:
+        hub = self.created()
+        before = sorted(os.walk(self.config.hub.data_dir))
+        loaded = CertificateAuthority.load(self.config, clock=fixed())
+        self.assertEqual(loaded.ca_der, hub.ca_der)
+        self.assertEqual(loaded.ca_key_der, hub.ca_key_der)
+        self.assertEqual(loaded.server_certificate, hub.server_certificate)
+        self.assertEqual(loaded.server_key_pem, hub.server_key_pem)
+        self.assertEqual(loaded.signing_days, 365)
+        self.assertEqual(loaded.clock(), NOW)
+        root = CertificateAuthority.load_ca(self.config)
+        self.assertEqual(
+            (root.ca_der, root.ca_hash, root.ca_key_der),
+            (hub.ca_der, hub.ca_hash, hub.ca_key_der),
+        )
+        self.assertEqual(root.path, self.config.data_path("ca", "rootCA.crt"))
+        self.assertEqual(root.key_path, self.config.data_path("ca", "rootCA.key"))
+        # No lock file, nothing else.
+        self.assertEqual(sorted(os.walk(self.config.hub.data_dir)), before)
+
+    def test_no_ca(self) -> None:
+        for load in (CertificateAuthority.load, CertificateAuthority.load_ca):
+            e = self.assertRaises(CertificateError, load, self.config)
+            message = str(e)
+            self.assertTrue(message.startswith("no CA yet (looked for "), message)
+            for path in (
+                self.config.cloudhub.tls_ca_file,
+                self.config.cloudhub.tls_ca_key_file,
+                self.config.data_path("ca", "rootCA.crt"),
+                self.config.data_path("ca", "rootCA.key"),
+            ):
+                self.assertIn(path, message)
+            self.assertIn(
+                f"start the hub once (it creates one in {self.config.data_path('ca')})", message
+            )
+            self.assertNotIn("\n", message)
+            self.assertNothingCreated()
+
+    def test_how_to_init_names_the_config(self) -> None:
+        for path, command in [
+            ("<defaults>", "`cloudhub init`"),
+            ("<config>", "`cloudhub init --config FILE`"),
+            ("/etc/cloud hub.yaml", "`cloudhub init --config '/etc/cloud hub.yaml'`"),
+        ]:
+            config = replace(self.config, path=path)
+            e = self.assertRaises(CertificateError, CertificateAuthority.load_ca, config)
+            self.assertTrue(str(e).endswith(f"or run {command}"), str(e))
+
+    def test_no_ca_in_existing_empty_data_dir(self) -> None:
+        os.makedirs(self.config.hub.data_dir)
+        self.assertRaises(CertificateError, CertificateAuthority.load_ca, self.config)
+        self.assertEqual(os.listdir(self.config.hub.data_dir), [])
+
+    def test_configured_ca(self) -> None:
+        """The operator's tlsCAFile pair is found first, as the hub does; dataDir is not made."""
+        cert, _, pkcs8 = ConfiguredFilesTests._rsa_ca(ConfiguredFilesTests(), self.base)
+        root = CertificateAuthority.load_ca(self.config)
+        self.assertEqual(root.certificate, cert)
+        self.assertEqual(root.path, self.config.cloudhub.tls_ca_file)
+        self.assertEqual(root.ca_key_der, pem_block(pkcs8, "k")[1])
+        # The server pair does not exist yet: load says so and names both places.
+        e = self.assertRaises(CertificateError, CertificateAuthority.load, self.config)
+        self.assertIn(
+            f"no usable server certificate (no {self.config.cloudhub.tls_cert_file} or "
+            f"{self.config.data_path('certs', 'server.crt')})",
+            str(e),
+        )
+        self.assertFalse(os.path.exists(self.config.hub.data_dir))
+
+    def test_ca_without_server_pair(self) -> None:
+        hub = self.created()
+        for name in ("server.crt", "server.key"):
+            os.unlink(self.config.data_path("certs", name))
+        self.assertEqual(CertificateAuthority.load_ca(self.config).ca_der, hub.ca_der)
+        e = self.assertRaises(CertificateError, CertificateAuthority.load, self.config)
+        self.assertIn("no usable server certificate", str(e))
+        self.assertIn("start the hub once (it creates one in", str(e))
+        self.assertEqual(os.listdir(self.config.data_path("certs")), [])
+
+    def test_stale_server_pair_left_alone(self) -> None:
+        hub = self.created()
+        config = make_config(self.base, advertiseAddress=["10.0.0.7"])
+        e = self.assertRaises(CertificateError, CertificateAuthority.load, config)
+        self.assertIn(
+            f"{config.data_path('certs', 'server.crt')}: it lacks the configured names 10.0.0.7",
+            str(e),
+        )
+        self.assertEqual(read(config.data_path("certs", "server.crt")), hub.server_cert_pem)
+        self.assertEqual(CertificateAuthority.load_ca(config).ca_der, hub.ca_der)
+
+    def test_same_errors_as_load_or_create(self) -> None:
+        """Half a pair, a bad file, a key of another certificate: the hub's own message."""
+
+        def half(config: Any) -> None:
+            os.unlink(config.data_path("ca", "rootCA.key"))
+
+        def garbage(config: Any) -> None:
+            write_atomically(config.data_path("ca", "rootCA.crt"), b"not pem at all")
+
+        def other_key(config: Any) -> None:
+            other = make_config(self.mktemp())
+            CertificateAuthority.load_or_create(other)
+            write_atomically(
+                config.data_path("ca", "rootCA.key"), read(other.data_path("ca", "rootCA.key"))
+            )
+
+        for damage in (half, garbage, other_key):
+            config = make_config(self.mktemp())
+            CertificateAuthority.load_or_create(config)
+            damage(config)
+            expected = str(
+                self.assertRaises(CertificateError, CertificateAuthority.load_or_create, config)
+            )
+            for load in (CertificateAuthority.load, CertificateAuthority.load_ca):
+                e = self.assertRaises(CertificateError, load, config)
+                self.assertEqual(str(e), expected, damage.__name__)
+
+    def test_configured_half_pair(self) -> None:
+        os.makedirs(os.path.dirname(self.config.cloudhub.tls_ca_key_file))
+        write_atomically(self.config.cloudhub.tls_ca_key_file, b"key")
+        e = self.assertRaises(CertificateError, CertificateAuthority.load_ca, self.config)
+        self.assertIn(f"{self.config.cloudhub.tls_ca_file}: missing", str(e))
+        self.assertFalse(os.path.exists(self.config.hub.data_dir))
+
+    def test_unsearchable_directory_is_not_no_ca(self) -> None:
+        if os.geteuid() == 0:
+            raise SkipTest("root may look into any directory")
+        self.created()
+        os.chmod(self.config.data_path("ca"), 0)
+        self.addCleanup(os.chmod, self.config.data_path("ca"), 0o755)
+        e = self.assertRaises(CertificateError, CertificateAuthority.load_ca, self.config)
+        self.assertIn("cannot look for it", str(e))
 
 
 class SignTests(SynchronousTestCase):

@@ -6,6 +6,8 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import time
 from typing import Any
 
 import jwt
@@ -21,7 +23,7 @@ from cloudhub.certs.token import (
     split_token,
     verify_jwt,
 )
-from cloudhub.errors import TokenError
+from cloudhub.errors import CertificateError, TokenError
 from tests.helpers_tls import CLOUDCORE_JWT_HEADER, make_config
 
 HOUR = 3600
@@ -162,19 +164,37 @@ class TokenTests(SynchronousTestCase):
         TokenIssuer(restarted, 12, clock).verify(token)
 
     def test_issue_token_for_cli(self) -> None:
-        import time
-
         token = issue_token(self.config)
         ca_hash, signed = split_token(token)
         self.assertEqual(ca_hash, self.authority.ca_hash)
         claims = verify_jwt(self.authority, signed, time.time())
         self.assertLess(abs(claims["exp"] - (time.time() + 24 * HOUR)), 5)
 
-    def test_issue_token_creates_ca(self) -> None:
+    def test_issue_token_needs_a_ca(self) -> None:
+        """``cloudhub token`` only reads: no CA is an error, and nothing is created."""
         config = make_config(self.mktemp())
-        token = issue_token(config)
-        authority = CertificateAuthority.load_or_create(config)
-        self.assertEqual(split_token(token)[0], authority.ca_hash)
+        e = self.assertRaises(CertificateError, issue_token, config)
+        self.assertIn("no CA yet", str(e))
+        self.assertIn("cloudhub init", str(e))
+        self.assertFalse(os.path.exists(config.hub.data_dir))
+
+    def test_issue_token_needs_only_the_ca(self) -> None:
+        """No server pair (or a stale one) does not matter: the token key is the CA key."""
+        for name in ("server.crt", "server.key"):
+            os.unlink(self.config.data_path("certs", name))
+        token = issue_token(self.config)
+        self.assertEqual(split_token(token)[0], self.authority.ca_hash)
+        verify_jwt(self.authority, split_token(token)[1], time.time())
+        self.assertEqual(os.listdir(self.config.data_path("certs")), [])
+
+    def test_root_ca_tokens_are_the_authoritys(self) -> None:
+        """A token made from the CA alone verifies with the whole authority, and back."""
+        root = CertificateAuthority.load_ca(self.config)
+        self.assertEqual(root.ca_hash, self.authority.ca_hash)
+        token = make_token(root, START, 90)
+        self.assertEqual(split_token(token)[0], self.authority.ca_hash)
+        verify_jwt(self.authority, split_token(token)[1], START)
+        verify_jwt(root, self.jwt_of(self.issuer.current), START)
 
     def test_make_token_lifetime(self) -> None:
         token = make_token(self.authority, START, 90)

@@ -108,7 +108,9 @@ class BootstrapTests(TestCase):
         self.assertEqual(self.server.site.counters.issued, 0)
 
     async def test_token_refused(self) -> None:
-        other = issue_token(make_config(self.mktemp()))
+        other_config = make_config(self.mktemp())
+        CertificateAuthority.load_or_create(other_config)  # another hub's CA
+        other = issue_token(other_config)
         # Right CA hash, JWT signed by another CA's key.
         forged = self.authority.ca_hash + "." + other.split(".", 1)[1]
         e = await self.assertFailure(

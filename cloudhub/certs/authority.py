@@ -6,6 +6,9 @@ way cloudcore creates its secrets, and keeps them under ``hub.dataDir``
 (``ca/rootCA.{crt,key}``, ``certs/server.{crt,key}``), so a restart finds the same CA, the same
 server certificate, and the join tokens it issued still verify (the token key is the CA key).
 
+The tools read the same files without creating any (:meth:`CertificateAuthority.load`,
+:meth:`CertificateAuthority.load_ca`); only the hub and ``cloudhub init`` create them.
+
 Creation is safe when several hub processes start at once on one data directory: it happens
 under an exclusive ``flock`` on ``<dataDir>/.certs.lock``, a new pair is published by renaming a
 complete temporary directory into place, and every process then reads what is on disk.
@@ -21,6 +24,7 @@ import ipaddress
 import os
 import re
 import secrets
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -249,10 +253,21 @@ def _load_key(path: str) -> tuple[SigningKey, bytes]:
     return key, der
 
 
+def _exists(path: str) -> bool:
+    """Whether ``path`` exists; a directory we may not look into is an error, not "no"."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise CertificateError(f"{path}: cannot look for it: {e.strerror}") from None
+        return False
+    return True
+
+
 def _pair_state(cert_path: str, key_path: str) -> bool:
     """True when both files exist, False when neither; only one is an error naming the other."""
-    has_cert = os.path.exists(cert_path)
-    has_key = os.path.exists(key_path)
+    has_cert = _exists(cert_path)
+    has_key = _exists(key_path)
     if has_cert != has_key:
         present, missing = (cert_path, key_path) if has_cert else (key_path, cert_path)
         raise CertificateError(f"{missing}: missing, but its pair {present} exists")
@@ -415,13 +430,192 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names, then the IP addresses, in ``cert``'s subjectAltName (for people)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    dns = sorted(san.get_values_for_type(x509.DNSName))
+    return dns + sorted(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+
+
+def _check_ca(cert: x509.Certificate, path: str, now: datetime) -> None:
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        is_ca = constraints.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        log.warn("{path}: the CA certificate is not marked as a CA (IsCA)", path=path)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        log.warn(
+            "{path}: the CA certificate is outside its validity ({start} to {end})",
+            path=path,
+            start=cert.not_valid_before_utc.isoformat(),
+            end=cert.not_valid_after_utc.isoformat(),
+        )
+
+
+def _server_problem(
+    cert: x509.Certificate,
+    key: SigningKey,
+    ca: x509.Certificate,
+    names: ServerNames,
+    now: datetime,
+) -> str | None:
+    if not _key_matches(cert, key):
+        return "its key file holds another key"
+    if cert.issuer != ca.subject or not issued_by(cert, ca):
+        return "it is not signed by the CA"
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        return "it is expired or not yet valid"
+    missing = names.missing_from(cert)
+    if missing:
+        return f"it lacks the configured names {', '.join(missing)}"
+    return None
+
+
+# --- finding what is on disk (read-only) -----------------------------------------------------
+#
+# The hub, `cloudhub init`, `cloudhub token` and `cloudhub check-config` all look in the same
+# places in the same order, so the tools see exactly the files the hub serves.
+
+
+def ca_candidates(config: HubConfig) -> list[tuple[str, str]]:
+    """Where the CA pair is looked for, in order: tlsCAFile/tlsCAKeyFile, then ours in dataDir.
+
+    The last one is where the hub creates a CA when there is none.
+    """
+    hub = config.cloudhub
+    configured = (hub.tls_ca_file, hub.tls_ca_key_file)
+    ours = (config.data_path("ca", "rootCA.crt"), config.data_path("ca", "rootCA.key"))
+    return [configured] if ours == configured else [configured, ours]
+
+
+def server_candidates(config: HubConfig) -> list[tuple[str, str]]:
+    """Where the server pair is looked for, in order: tlsCertFile/tlsPrivateKeyFile, then ours.
+
+    The last one is where the hub creates (or replaces) its server certificate.
+    """
+    hub = config.cloudhub
+    configured = (hub.tls_cert_file, hub.tls_private_key_file)
+    ours = (config.data_path("certs", "server.crt"), config.data_path("certs", "server.key"))
+    return [configured] if ours == configured else [configured, ours]
+
+
+def find_ca(config: HubConfig) -> tuple[str, str] | None:
+    """The (certificate, key) paths of the CA the hub would use, or None when there is none yet.
+
+    Only looks, creates nothing. Raises :class:`CertificateError` when one file of a pair
+    exists without the other: the hub refuses to start then, rather than make a second CA.
+    """
+    for pair in ca_candidates(config):
+        if _pair_state(*pair):
+            return pair
+    return None
+
+
+@dataclass(frozen=True)
+class RootCA:
+    """The CA certificate and key as read from disk: all a join token needs (§5.4)."""
+
+    certificate: x509.Certificate
+    key: SigningKey
+    key_der: bytes
+    path: str
+    key_path: str
+
+    @classmethod
+    def read(cls, cert_path: str, key_path: str, now: datetime) -> RootCA:
+        """Load a CA pair; :class:`CertificateError` naming the file if unusable or mismatched."""
+        cert = _load_certificate(cert_path)
+        key, der = _load_key(key_path)
+        if not _key_matches(cert, key):
+            raise CertificateError(
+                f"{key_path}: this key does not belong to the CA certificate {cert_path}"
+            )
+        _check_ca(cert, cert_path, now)
+        return cls(cert, key, der, cert_path, key_path)
+
+    @property
+    def ca_der(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.DER)
+
+    @property
+    def ca_hash(self) -> str:
+        """Lowercase hex SHA-256 of the CA DER: the first part of a join token (§5.4)."""
+        return self.certificate.fingerprint(hashes.SHA256()).hex()
+
+    @property
+    def ca_key_der(self) -> bytes:
+        """The join tokens' HMAC key (see :attr:`CertificateAuthority.ca_key_der`)."""
+        return self.key_der
+
+
+@dataclass(frozen=True)
+class ServerPair:
+    """A usable server certificate and key found on disk, and where."""
+
+    path: str
+    key_path: str
+    certificate: x509.Certificate
+    key: SigningKey
+
+
+def find_server_pair(
+    config: HubConfig, ca: x509.Certificate, now: datetime
+) -> tuple[ServerPair | None, list[tuple[str, str]]]:
+    """The server pair the hub would serve with ``ca``, read-only: the first usable candidate.
+
+    Also returns ``(path, problem)`` for each pair before it that exists but is not usable
+    (another CA's, expired, lacking a configured name ...): the hub leaves those alone and
+    makes its own under dataDir. Half a pair or an unreadable file raises
+    :class:`CertificateError`, as at start-up.
+    """
+    names = ServerNames.from_config(config)
+    rejected: list[tuple[str, str]] = []
+    for cert_path, key_path in server_candidates(config):
+        if not _pair_state(cert_path, key_path):
+            continue
+        cert = _load_certificate(cert_path)
+        key, _ = _load_key(key_path)
+        problem = _server_problem(cert, key, ca, names, now)
+        if problem is None:
+            return ServerPair(cert_path, key_path, cert, key), rejected
+        rejected.append((cert_path, problem))
+    return None, rejected
+
+
+def _how_to_create(config: HubConfig, directory: str) -> str:
+    """The end of a "not there yet" error: what creates the files, and where."""
+    if config.path == "<defaults>":
+        init = "cloudhub init"
+    elif config.path.startswith("<"):
+        init = "cloudhub init --config FILE"
+    else:
+        init = f"cloudhub init --config {shlex.quote(config.path)}"
+    return f"start the hub once (it creates one in {directory}) or run `{init}`"
+
+
+def _no_ca_message(config: HubConfig) -> str:
+    candidates = ca_candidates(config)
+    (cert, key), *ours = candidates
+    looked = f"cloudHub.tlsCAFile {cert} with tlsCAKeyFile {key}"
+    if ours:
+        looked += f", then {ours[0][0]} with {ours[0][1]}"
+    directory = os.path.dirname(candidates[-1][0])
+    return f"no CA yet (looked for {looked}): {_how_to_create(config, directory)}"
+
+
 # --- the authority ---------------------------------------------------------------------------
 
 
 class CertificateAuthority:
     """The CA that signs edge certificates, and the hub's own server certificate.
 
-    Build it with :meth:`load_or_create`. ``clock`` (returns an aware UTC datetime) decides
+    The hub builds it with :meth:`load_or_create`; the tools read it with :meth:`load`, or
+    take the CA alone with :meth:`load_ca`. ``clock`` (returns an aware UTC datetime) decides
     "now" for signing and for checking client certificates, so tests can move time.
     """
 
@@ -464,37 +658,70 @@ class CertificateAuthority:
 
     @classmethod
     def _load_or_create(cls, config: HubConfig, clock: Clock) -> CertificateAuthority:
-        hub = config.cloudhub
         with _DirectoryLock(config.data_path(LOCK_NAME)):
-            ca_paths = (hub.tls_ca_file, hub.tls_ca_key_file)
-            if not _pair_state(*ca_paths):
-                ca_paths = (
-                    config.data_path("ca", "rootCA.crt"),
-                    config.data_path("ca", "rootCA.key"),
-                )
-                if not _pair_state(*ca_paths):
-                    cls._create_ca(ca_paths, clock())
-            ca_cert = _load_certificate(ca_paths[0])
-            ca_key, ca_key_der = _load_key(ca_paths[1])
-            if not _key_matches(ca_cert, ca_key):
-                raise CertificateError(
-                    f"{ca_paths[1]}: this key does not belong to the CA certificate {ca_paths[0]}"
-                )
-            cls._check_ca(ca_cert, ca_paths[0], clock())
-            server_cert, server_key = cls._server_pair(config, ca_cert, ca_key, clock())
+            ca_paths = find_ca(config)
+            if ca_paths is None:
+                ca_paths = ca_candidates(config)[-1]
+                cls._create_ca(ca_paths, clock())
+            ca = RootCA.read(*ca_paths, clock())
+            server_cert, server_key = cls._server_pair(config, ca.certificate, ca.key, clock())
         log.info(
             "certificate authority {subject} from {path}, sha256 {digest}",
-            subject=ca_cert.subject.rfc4514_string(),
-            path=ca_paths[0],
-            digest=ca_cert.fingerprint(hashes.SHA256()).hex(),
+            subject=ca.certificate.subject.rfc4514_string(),
+            path=ca.path,
+            digest=ca.ca_hash,
         )
         return cls(
-            ca_cert,
-            ca_key,
-            ca_key_der,
+            ca.certificate,
+            ca.key,
+            ca.key_der,
             server_cert,
             server_key,
-            signing_days=hub.edge_cert_signing_duration,
+            signing_days=config.cloudhub.edge_cert_signing_duration,
+            clock=clock,
+        )
+
+    @classmethod
+    def load_ca(cls, config: HubConfig, clock: Clock = utc_now) -> RootCA:
+        """The hub's CA, read where :meth:`load_or_create` finds it; nothing is created.
+
+        All ``cloudhub token`` needs: a join token is keyed with the CA key alone, so a
+        missing or stale server certificate does not stop it. No CA yet raises
+        :class:`CertificateError` naming the places looked and what creates one; half a pair,
+        an unreadable file or a key of another certificate raise as in :meth:`load_or_create`.
+        """
+        paths = find_ca(config)
+        if paths is None:
+            raise CertificateError(_no_ca_message(config))
+        return RootCA.read(*paths, clock())
+
+    @classmethod
+    def load(cls, config: HubConfig, clock: Clock = utc_now) -> CertificateAuthority:
+        """The CA and server certificate :meth:`load_or_create` would use, creating nothing.
+
+        No directory, file or lock file is made, so this is safe as any user and beside a
+        running hub. Where :meth:`load_or_create` would create or replace something (no CA,
+        no usable server pair) this raises :class:`CertificateError` saying so. A join token
+        needs only the CA: see :meth:`load_ca`.
+        """
+        ca = cls.load_ca(config, clock)
+        found, rejected = find_server_pair(config, ca.certificate, clock())
+        if found is None:
+            candidates = server_candidates(config)
+            why = "; ".join(f"{path}: {problem}" for path, problem in rejected)
+            if not why:
+                why = "no " + " or ".join(cert for cert, _ in candidates)
+            directory = os.path.dirname(candidates[-1][0])
+            raise CertificateError(
+                f"no usable server certificate ({why}): {_how_to_create(config, directory)}"
+            )
+        return cls(
+            ca.certificate,
+            ca.key,
+            ca.key_der,
+            found.certificate,
+            found.key,
+            signing_days=config.cloudhub.edge_cert_signing_duration,
             clock=clock,
         )
 
@@ -514,23 +741,6 @@ class CertificateAuthority:
         if created:
             log.info("created a new certificate authority in {directory}", directory=directory)
 
-    @staticmethod
-    def _check_ca(cert: x509.Certificate, path: str, now: datetime) -> None:
-        try:
-            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-            is_ca = constraints.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
-            log.warn("{path}: the CA certificate is not marked as a CA (IsCA)", path=path)
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            log.warn(
-                "{path}: the CA certificate is outside its validity ({start} to {end})",
-                path=path,
-                start=cert.not_valid_before_utc.isoformat(),
-                end=cert.not_valid_after_utc.isoformat(),
-            )
-
     @classmethod
     def _server_pair(
         cls,
@@ -540,25 +750,15 @@ class CertificateAuthority:
         now: datetime,
     ) -> tuple[x509.Certificate, SigningKey]:
         """The configured server pair if usable, else ours under dataDir, else a new one."""
-        names = ServerNames.from_config(config)
-        hub = config.cloudhub
-        ours = (config.data_path("certs", "server.crt"), config.data_path("certs", "server.key"))
-        candidates = [(hub.tls_cert_file, hub.tls_private_key_file)]
-        if ours != candidates[0]:
-            candidates.append(ours)
-        for cert_path, key_path in candidates:
-            if not _pair_state(cert_path, key_path):
-                continue
-            cert = _load_certificate(cert_path)
-            key, _ = _load_key(key_path)
-            problem = cls._server_problem(cert, key, ca, names, now)
-            if problem is None:
-                return cert, key
+        found, rejected = find_server_pair(config, ca, now)
+        for path, problem in rejected:
             log.warn(
-                "{path}: not using this server certificate: {problem}",
-                path=cert_path,
-                problem=problem,
+                "{path}: not using this server certificate: {problem}", path=path, problem=problem
             )
+        if found is not None:
+            return found.certificate, found.key
+        names = ServerNames.from_config(config)
+        ours = server_candidates(config)[-1]
         cert, new_key = _generate_server(ca, ca_key, names, now)
         cert_pem, key_pem = _cert_pem(cert), _key_pem(new_key)
         directory = os.path.dirname(ours[0])
@@ -575,25 +775,6 @@ class CertificateAuthority:
         )
         # Read back what is on disk, so every process serves the same files.
         return _load_certificate(ours[0]), _load_key(ours[1])[0]
-
-    @staticmethod
-    def _server_problem(
-        cert: x509.Certificate,
-        key: SigningKey,
-        ca: x509.Certificate,
-        names: ServerNames,
-        now: datetime,
-    ) -> str | None:
-        if not _key_matches(cert, key):
-            return "its key file holds another key"
-        if cert.issuer != ca.subject or not issued_by(cert, ca):
-            return "it is not signed by the CA"
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            return "it is expired or not yet valid"
-        missing = names.missing_from(cert)
-        if missing:
-            return f"it lacks the configured names {', '.join(missing)}"
-        return None
 
     # -- what others read -----------------------------------------------------------------
 

@@ -9,7 +9,7 @@ stays valid until its own ``exp``, across refreshes and hub restarts.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from twisted.application.service import Service
@@ -27,7 +27,21 @@ ALGORITHM = "HS256"
 HOUR = 3600
 
 
-def make_token(authority: CertificateAuthority, now: float, lifetime: float) -> str:
+class TokenKey(Protocol):
+    """What tokens need of a CA: its hash and its key DER.
+
+    A :class:`CertificateAuthority`, or the CA alone as ``cloudhub token`` reads it
+    (:class:`~cloudhub.certs.authority.RootCA`): no server certificate is involved.
+    """
+
+    @property
+    def ca_hash(self) -> str: ...
+
+    @property
+    def ca_key_der(self) -> bytes: ...
+
+
+def make_token(authority: TokenKey, now: float, lifetime: float) -> str:
     """A join token for ``authority`` that expires ``lifetime`` seconds after ``now``."""
     # Go's StandardClaims.ExpiresAt is whole seconds.
     signed = jwt.encode({"exp": int(now + lifetime)}, authority.ca_key_der, algorithm=ALGORITHM)
@@ -45,7 +59,7 @@ def split_token(token: str) -> tuple[str, str]:
     return parts[0], ".".join(parts[1:])
 
 
-def verify_jwt(authority: CertificateAuthority, token: str, now: float) -> dict[str, Any]:
+def verify_jwt(authority: TokenKey, token: str, now: float) -> dict[str, Any]:
     """The claims of ``token`` (a compact JWS) if signed with the CA key and not expired.
 
     Only HS256 is accepted (``alg: none`` and every other algorithm fail). ``exp`` is
@@ -142,10 +156,12 @@ class TokenIssuer(Service):
 def issue_token(config: HubConfig) -> str:
     """A fresh join token for the hub configured by ``config`` (``cloudhub token``).
 
-    Loads the hub's CA, or creates it under ``hub.dataDir`` exactly as the hub would at
-    startup, and returns a token valid for 2 × ``tokenRefreshDuration`` hours from now.
-    A running hub on the same CA accepts it: verification needs only the CA key.
+    Only reads: the CA where the hub finds it (:meth:`CertificateAuthority.load_ca`), and
+    nothing else, since the token key is the CA key. No CA yet raises
+    :class:`~cloudhub.errors.CertificateError` saying to start the hub or run
+    ``cloudhub init``. The token is valid for 2 × ``tokenRefreshDuration`` hours from now; a
+    running hub on the same CA accepts it.
     """
-    authority = CertificateAuthority.load_or_create(config)
+    authority = CertificateAuthority.load_ca(config)
     lifetime = 2 * config.cloudhub.token_refresh_duration * HOUR
     return make_token(authority, time.time(), lifetime)
