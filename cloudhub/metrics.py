@@ -2,9 +2,14 @@
 
 The delivery core only bumps plain integers (:class:`cloudhub.stats.HubStats`) and the
 certificate server its :class:`~cloudhub.certs.web.CertificateCounters`; :class:`HubCollector`
-turns them, and the live sessions and queues, into metric families at scrape time. The one
-thing observed as it happens is the ACK latency, a histogram fed through
-``stats.ack_latency_observers``.
+turns them, and the live sessions and queues, into metric families at scrape time, as
+:class:`CertificateExpiryCollector` does the expiry of the CA and server certificates and
+:class:`StoreCollector` the sync store's commit figures. What is observed as it happens: the
+ACK latency, a histogram fed through ``stats.ack_latency_observers``, and node connections and
+disconnections (:class:`NodeEventCounters`, fed by ``handle.subscribe_events``).
+
+The alerting rules in ``etc/prometheus/cloudhub-alerts.yml`` use these names; its tests
+(``tests/test_alerts.py``) fail when one is renamed here.
 
 Each hub has its own ``CollectorRegistry`` (two hubs in one process do not mix, and nothing
 is registered globally). The registry is rendered on the reactor thread by
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -36,16 +41,23 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from cloudhub.handler import EVENT_CONNECTED, EVENT_DISCONNECTED
+
 if TYPE_CHECKING:
+    from cloudhub.certs.authority import CertificateAuthority
     from cloudhub.certs.web import CertificateCounters
-    from cloudhub.handler import MessageHandle
+    from cloudhub.handler import MessageHandle, NodeEvent
+    from cloudhub.store.interfaces import ISyncStore
 
 __all__ = [
     "ACK_LATENCY_BUCKETS",
+    "CertificateExpiryCollector",
     "HubCollector",
     "HubMetrics",
     "LatencyHistogram",
     "MetricsResource",
+    "NodeEventCounters",
+    "StoreCollector",
 ]
 
 # 100 µs (an edge on loopback) to 60 s (retransmissions every 5 s, §6.4).
@@ -123,6 +135,28 @@ _CERTIFICATE_COUNTERS = (
         "rate_limited",
     ),
 )
+# (name after cloudhub_, help, store attribute): read when the store has the attribute
+# (SQLiteSyncStore does; the in-memory store commits nothing, so it has none of them).
+_STORE_COUNTERS = (
+    (
+        "store_commit_failures",
+        "Sync store batches whose commit failed (full disk, I/O error, locked file); their "
+        "changes stay buffered and are retried, and flush() callers (the API's durable "
+        "accept) get an error meanwhile",
+        "commit_failures",
+    ),
+    (
+        "store_batches_committed",
+        "Sync store batches committed (one transaction each)",
+        "batches_committed",
+    ),
+    (
+        "store_changes_committed",
+        "Record changes the sync store committed (writes to one node's object coalesce into "
+        "one change per batch)",
+        "changes_committed",
+    ),
+)
 
 
 class HubCollector(Collector):
@@ -160,6 +194,11 @@ class HubCollector(Collector):
             "Messages refused (stale version, invalid) and node connections refused (node limit)",
             labels=["reason"],
         )
+        limit = GaugeMetricFamily(
+            "cloudhub_node_limit",
+            "Most nodes connected at once (cloudHub.nodeLimit); more are refused, counted in "
+            'cloudhub_refused_total{reason="node_limit"}',
+        )
         if read:
             stats = handle.stats
             by_transport = Counter(s.connection.transport for s in handle.sessions.values())
@@ -170,10 +209,12 @@ class HubCollector(Collector):
             refused.add_metric(["stale"], stats.refused_stale)
             refused.add_metric(["invalid"], stats.refused_invalid)
             refused.add_metric(["node_limit"], stats.node_limit_refusals)
+            limit.add_metric([], handle.node_limit)
         yield connected
         yield compatible
         yield depth
         yield refused
+        yield limit
         sources: list[tuple[object, tuple[tuple[str, str, str], ...]]] = [
             (handle.stats if read else None, _STATS_COUNTERS)
         ]
@@ -185,6 +226,110 @@ class HubCollector(Collector):
                 if read:
                     family.add_metric([], getattr(source, attribute))
                 yield family
+
+
+class CertificateExpiryCollector(Collector):
+    """When the CA and the server certificate expire, read from the authority at each scrape
+    (so a certificate replaced while the hub runs shows at once).
+
+    An expired CA or server certificate stops every edge connection and join; the alerting
+    rules warn weeks ahead from this gauge.
+    """
+
+    def __init__(self, authority: CertificateAuthority) -> None:
+        self.authority = authority
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(read=False)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(read=True)
+
+    def _families(self, read: bool) -> Iterator[Metric]:
+        expiry = GaugeMetricFamily(
+            "cloudhub_certificate_expiry_timestamp_seconds",
+            "When the hub's certificate stops being valid (its notAfter, Unix time): "
+            '"ca" signs the edges\' certificates and join tokens, "server" is presented to '
+            "the edges (WebSocket, QUIC, certificate server)",
+            labels=["certificate"],
+        )
+        if read:
+            authority = self.authority
+            for label, certificate in (
+                ("ca", authority.ca_certificate),
+                ("server", authority.server_certificate),
+            ):
+                expiry.add_metric([label], certificate.not_valid_after_utc.timestamp())
+        yield expiry
+
+
+class StoreCollector(Collector):
+    """The sync store's commit figures: failures (the store cannot make messages durable)
+    and commits, read at each scrape from the store ``source()`` returns.
+
+    The source is called every time because the hub opens its store at each start (the
+    handle's ``store`` changes); the figures of a newly opened store start at 0, which
+    Prometheus takes as a counter reset. Only the figures the store keeps are reported
+    (``SQLiteSyncStore`` keeps all three, the in-memory store none), and none while there is
+    no store, so no series claims a count nobody makes.
+    """
+
+    def __init__(self, source: Callable[[], ISyncStore | None]) -> None:
+        self.source = source
+
+    def describe(self) -> Iterator[Metric]:
+        for name, documentation, _ in _STORE_COUNTERS:
+            yield CounterMetricFamily(f"cloudhub_{name}", documentation)
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.source()
+        for name, documentation, attribute in _STORE_COUNTERS:
+            count = getattr(store, attribute, None)
+            if isinstance(count, int):
+                family = CounterMetricFamily(f"cloudhub_{name}", documentation)
+                family.add_metric([], count)
+                yield family
+
+
+class NodeEventCounters(Collector):
+    """Node connections and disconnections by transport, counted from the hub's node events.
+
+    A falling ``cloudhub_connected_nodes`` shows nodes that left; this shows nodes that flap
+    (disconnect and come back between two scrapes), which the gauge cannot. Counted per event,
+    not per message, so off the hot path.
+    """
+
+    def __init__(self) -> None:
+        self.connections: Counter[str] = Counter()
+        self.disconnections: Counter[str] = Counter()
+
+    def observe(self, event: NodeEvent) -> None:
+        if event.event == EVENT_CONNECTED:
+            self.connections[event.transport] += 1
+        elif event.event == EVENT_DISCONNECTED:
+            self.disconnections[event.transport] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        connections = CounterMetricFamily(
+            "cloudhub_node_connections",
+            "Node connections accepted, by transport (a reconnect counts again)",
+            labels=["transport"],
+        )
+        disconnections = CounterMetricFamily(
+            "cloudhub_node_disconnections",
+            "Node connections ended, by transport: closed by the edge or the network, keepalive "
+            "timeout (also in cloudhub_keepalive_timeouts_total), replaced by a newer connection "
+            "of the same node, hub shutdown",
+            labels=["transport"],
+        )
+        for family, counts in (
+            (connections, self.connections),
+            (disconnections, self.disconnections),
+        ):
+            for transport in sorted(set(TRANSPORTS) | set(counts)):
+                family.add_metric([transport], counts.get(transport, 0))
+        yield connections
+        yield disconnections
 
 
 class MetricsResource(Resource):
@@ -236,18 +381,37 @@ class LatencyHistogram(Collector):
 
 
 class HubMetrics:
-    """The metrics of one hub: a registry, the collector, the ACK latency histogram.
+    """The metrics of one hub: a registry, the collectors, the ACK latency histogram.
 
-    Built from the hub's :class:`~cloudhub.handler.MessageHandle` (and the certificate
-    server's counters when given); :meth:`close` detaches the latency observer.
+    Built from the hub's :class:`~cloudhub.handler.MessageHandle`, and, when given, the
+    certificate server's counters and the certificate authority (certificate expiry): what
+    is not given is not reported. The sync store's figures are those of ``store`` when given,
+    else of the handle's current store (``handle.store``, looked up at each scrape, so the
+    store a restarted hub reopens is followed). :meth:`close` detaches the latency observer and
+    the node event subscription.
     """
 
     def __init__(
-        self, handle: MessageHandle, certificates: CertificateCounters | None = None
+        self,
+        handle: MessageHandle,
+        certificates: CertificateCounters | None = None,
+        *,
+        authority: CertificateAuthority | None = None,
+        store: ISyncStore | None = None,
     ) -> None:
         self.handle = handle
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(HubCollector(handle, certificates))
+        if authority is not None:
+            self.registry.register(CertificateExpiryCollector(authority))
+        self.registry.register(
+            StoreCollector((lambda: handle.store) if store is None else (lambda: store))
+        )
+        self.node_events = NodeEventCounters()
+        self.registry.register(self.node_events)
+        self._unsubscribe: Callable[[], None] | None = handle.subscribe_events(
+            self.node_events.observe
+        )
         self.ack_latency = LatencyHistogram(
             "cloudhub_ack_latency_seconds",
             "Time from the first transmission of an ACK-mode message (in its current round of "
@@ -266,3 +430,6 @@ class HubMetrics:
         observers = self.handle.stats.ack_latency_observers
         if self._observe in observers:
             observers.remove(self._observe)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None

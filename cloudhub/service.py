@@ -215,7 +215,10 @@ class CloudHubService(MultiService):
         )
         self.certificate_site.access_log = config.hub.access_log
         if config.hub.metrics.enable:
-            self.metrics = HubMetrics(self.handle, self.certificate_site.counters)
+            # The store's figures follow handle.store, so they stay right across restarts.
+            self.metrics = HubMetrics(
+                self.handle, self.certificate_site.counters, authority=authority
+            )
         if hub.https.enable:
             endpoint = server_endpoint(
                 reactor,

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY
+import os
+import sqlite3
+import time
+from datetime import UTC, datetime
+
+from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from cloudhub.certs.authority import CertificateAuthority
 from cloudhub.certs.web import CertificateCounters
 from cloudhub.errors import NodeRefused
 from cloudhub.handler import MessageHandle
-from cloudhub.metrics import ACK_LATENCY_BUCKETS, HubCollector, HubMetrics
-from cloudhub.store import MemorySyncStore
+from cloudhub.metrics import (
+    ACK_LATENCY_BUCKETS,
+    CertificateExpiryCollector,
+    HubCollector,
+    HubMetrics,
+    StoreCollector,
+)
+from cloudhub.store import MemorySyncStore, SQLiteSyncStore
 
 from .fakes import FakeConnection, pod_message
+from .helpers_tls import make_config
 from .test_api import ApiHarness, pod_body, wait_for
+from .test_store import ManualPool, ThreadlessReactor, flaky, flaky_connect
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -30,6 +44,15 @@ def samples(text: str) -> Samples:
 
 def value(found: Samples, name: str, **labels: str) -> float:
     return found[(name, tuple(sorted(labels.items())))]
+
+
+def scrape(metrics: HubMetrics) -> Samples:
+    """What ``GET /metrics`` of these metrics would show (the text format)."""
+    return samples(generate_latest(metrics.registry).decode())
+
+
+def names(found: Samples) -> set[str]:
+    return {name for name, _ in found}
 
 
 class HubRunTests(ApiHarness, TestCase):
@@ -119,9 +142,7 @@ class CollectorTests(SynchronousTestCase):
         self.metrics = HubMetrics(self.handle, self.counters)
 
     def scrape(self) -> Samples:
-        from prometheus_client import generate_latest
-
-        return samples(generate_latest(self.metrics.registry).decode())
+        return scrape(self.metrics)
 
     def test_transports_node_limit_and_keepalive_timeouts(self) -> None:
         quic = FakeConnection("n2")
@@ -185,9 +206,7 @@ class CollectorTests(SynchronousTestCase):
         self.addCleanup(other.close)
         self.handle.stats.observe_ack_latency(0.01)
         self.assertEqual(value(self.scrape(), "cloudhub_ack_latency_seconds_count"), 1)
-        from prometheus_client import generate_latest
-
-        theirs = samples(generate_latest(other.registry).decode())
+        theirs = scrape(other)
         self.assertEqual(value(theirs, "cloudhub_ack_latency_seconds_count"), 0)
         # Certificate metrics only where the certificate server's counters were given.
         self.assertNotIn(("cloudhub_certificates_issued_total", ()), theirs)
@@ -200,8 +219,178 @@ class CollectorTests(SynchronousTestCase):
 
         collector = HubCollector(NoState(), CertificateCounters())  # type: ignore[arg-type]
         self.assertRaises(AssertionError, lambda: list(collector.collect()))
-        names = {family.name for family in collector.describe()}
-        self.assertIn("cloudhub_connected_nodes", names)
-        self.assertIn("connected_nodes", names)
-        self.assertIn("cloudhub_messages_sent", names)
-        self.assertIn("cloudhub_token_failures", names)
+        described = {family.name for family in collector.describe()}
+        self.assertIn("cloudhub_connected_nodes", described)
+        self.assertIn("connected_nodes", described)
+        self.assertIn("cloudhub_messages_sent", described)
+        self.assertIn("cloudhub_token_failures", described)
+        self.assertIn("cloudhub_node_limit", described)
+
+    def test_new_collectors_are_described_without_reading_state(self) -> None:
+        class NoAuthority:
+            ca_certificate = property(lambda self: (_ for _ in ()).throw(AssertionError("read")))
+
+        def no_store() -> None:
+            raise AssertionError("read")
+
+        expiry = CertificateExpiryCollector(NoAuthority())  # type: ignore[arg-type]
+        self.assertRaises(AssertionError, lambda: list(expiry.collect()))
+        self.assertEqual(
+            [f.name for f in expiry.describe()], ["cloudhub_certificate_expiry_timestamp_seconds"]
+        )
+        store = StoreCollector(no_store)
+        self.assertRaises(AssertionError, lambda: list(store.collect()))
+        self.assertEqual(
+            [f.name for f in store.describe()],
+            [
+                "cloudhub_store_commit_failures",
+                "cloudhub_store_batches_committed",
+                "cloudhub_store_changes_committed",
+            ],
+        )
+
+    def test_node_limit(self) -> None:
+        self.assertEqual(value(self.scrape(), "cloudhub_node_limit"), 2)
+
+    def test_node_connections_and_disconnections(self) -> None:
+        found = self.scrape()
+        for family in ("cloudhub_node_connections_total", "cloudhub_node_disconnections_total"):
+            for transport in ("websocket", "quic"):  # 0 rather than no series
+                self.assertEqual(value(found, family, transport=transport), 0)
+        first = FakeConnection("n1")
+        quic = FakeConnection("n2")
+        quic.transport = "quic"  # type: ignore[misc]
+        self.handle.connection_made(first)
+        self.handle.connection_made(quic)
+        self.handle.connection_made(FakeConnection("n1"))  # replaces the first: one flap
+        self.assertRaises(NodeRefused, self.handle.connection_made, FakeConnection("n3"))
+        self.handle.connection_lost(first, "gone")  # already replaced: not counted again
+        found = self.scrape()
+        self.assertEqual(value(found, "cloudhub_node_connections_total", transport="websocket"), 2)
+        self.assertEqual(value(found, "cloudhub_node_connections_total", transport="quic"), 1)
+        self.assertEqual(
+            value(found, "cloudhub_node_disconnections_total", transport="websocket"), 1
+        )
+        self.assertEqual(value(found, "cloudhub_node_disconnections_total", transport="quic"), 0)
+        self.clock.advance(1.5)  # keepalive timeouts end both
+        found = self.scrape()
+        self.assertEqual(
+            value(found, "cloudhub_node_disconnections_total", transport="websocket"), 2
+        )
+        self.assertEqual(value(found, "cloudhub_node_disconnections_total", transport="quic"), 1)
+        self.assertEqual(value(found, "cloudhub_keepalive_timeouts_total"), 2)
+        # Closed metrics no longer count (nor keep the handle's subscriber list growing).
+        self.metrics.close()
+        self.handle.connection_made(FakeConnection("n4"))
+        self.assertEqual(
+            value(self.scrape(), "cloudhub_node_connections_total", transport="websocket"), 2
+        )
+
+    def test_no_store_figures_for_the_memory_store_nor_certificates_without_authority(
+        self,
+    ) -> None:
+        found = names(self.scrape())
+        self.assertFalse({n for n in found if n.startswith("cloudhub_store_")})
+        self.assertNotIn("cloudhub_certificate_expiry_timestamp_seconds", found)
+
+
+class CertificateExpiryTests(SynchronousTestCase):
+    """The expiry gauge, from real authorities made in a temporary data directory."""
+
+    def test_ca_and_server_expiry_read_at_each_scrape(self) -> None:
+        authority = CertificateAuthority.load_or_create(make_config(self.mktemp()))
+        metrics = HubMetrics(MessageHandle(Clock()), authority=authority)
+        self.addCleanup(metrics.close)
+        found = scrape(metrics)
+        name = "cloudhub_certificate_expiry_timestamp_seconds"
+        ca = authority.ca_certificate.not_valid_after_utc.timestamp()
+        server = authority.server_certificate.not_valid_after_utc.timestamp()
+        self.assertEqual(value(found, name, certificate="ca"), ca)
+        self.assertEqual(value(found, name, certificate="server"), server)
+        self.assertGreater(ca, time.time() + 99 * 365 * 86400)  # cloudcore's 100 years
+        # Read when scraped: a certificate the hub swaps in shows at once.
+        then = datetime(2000, 1, 1, tzinfo=UTC)
+        older = CertificateAuthority.load_or_create(make_config(self.mktemp()), clock=lambda: then)
+        authority.server_certificate = older.server_certificate
+        found = scrape(metrics)
+        self.assertEqual(
+            value(found, name, certificate="server"),
+            older.server_certificate.not_valid_after_utc.timestamp(),
+        )
+        self.assertLess(value(found, name, certificate="server"), server)
+        self.assertEqual(value(found, name, certificate="ca"), ca)
+
+
+class StoreMetricsTests(SynchronousTestCase):
+    """The sync store's figures, from a real SQLite store whose commits fail on demand (its
+    writer thread run by hand, as in test_store)."""
+
+    def setUp(self) -> None:
+        self.reactor = ThreadlessReactor()
+        self.pool = ManualPool()
+        self.store = SQLiteSyncStore(
+            os.path.join(self.mktemp(), "cloudhub.db"),
+            self.reactor,
+            connect=flaky_connect,
+            threadpool=self.pool,  # type: ignore[arg-type]
+            retry_delay=1.0,
+        )
+        self.handle = MessageHandle(self.reactor, store=self.store)
+        self.metrics = HubMetrics(self.handle)
+        self.addCleanup(self.metrics.close)
+
+    def tearDown(self) -> None:
+        flaky(self.store).fail_commits = False
+        self.pool.run_at_once = True
+        self.pool.run_all()
+        self.reactor.advance(10)
+        closed = self.store.close()
+        self.pool.run_all()
+        self.successResultOf(closed)
+
+    def figures(self, metrics: HubMetrics | None = None) -> tuple[float, float, float]:
+        found = scrape(metrics or self.metrics)
+        return (
+            value(found, "cloudhub_store_commit_failures_total"),
+            value(found, "cloudhub_store_batches_committed_total"),
+            value(found, "cloudhub_store_changes_committed_total"),
+        )
+
+    def test_failed_commits_are_counted(self) -> None:
+        self.assertEqual(self.figures(), (0, 0, 0))
+        flaky(self.store).fail_commits = True  # as with a full disk
+        self.handle.send("n1", pod_message("u1", "1"))
+        self.handle.send("n1", pod_message("u2", "1", name="other"))
+        self.reactor.advance(0)
+        self.pool.run_next()
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.assertEqual(self.figures(), (1, 0, 0))
+        self.reactor.advance(1.0)  # retried, and failing still
+        self.pool.run_next()
+        self.flushLoggedErrors(sqlite3.OperationalError)
+        self.assertEqual(self.figures(), (2, 0, 0))
+        flaky(self.store).fail_commits = False
+        self.reactor.advance(1.0)
+        self.pool.run_next()
+        self.assertEqual(self.figures(), (2, 1, 2))
+
+    def test_follows_the_handles_current_store(self) -> None:
+        self.handle.send("n1", pod_message("u1", "1"))
+        self.reactor.advance(0)
+        self.pool.run_next()
+        self.assertEqual(self.figures(), (0, 1, 1))
+        # A hub that stopped has no store (and one that restarted a new one), as
+        # MessageHandle.attach/detach set it: the figures go with it.
+        self.handle.store = None
+        found = names(scrape(self.metrics))
+        self.assertFalse({n for n in found if n.startswith("cloudhub_store_")})
+        self.handle.store = self.store
+        self.assertEqual(self.figures(), (0, 1, 1))
+
+    def test_explicit_store(self) -> None:
+        self.handle.send("n1", pod_message("u1", "1"))
+        self.reactor.advance(0)
+        self.pool.run_next()
+        other = HubMetrics(MessageHandle(Clock(), store=MemorySyncStore()), store=self.store)
+        self.addCleanup(other.close)
+        self.assertEqual(self.figures(other), (0, 1, 1))

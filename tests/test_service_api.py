@@ -12,6 +12,17 @@ from cloudhub.service import CloudHubService
 from .helpers_tls import make_config
 
 
+def server_certificate_expiry(exposition: bytes) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(exposition.decode()):
+        for sample in family.samples:
+            if sample.name == "cloudhub_certificate_expiry_timestamp_seconds":
+                if sample.labels == {"certificate": "server"}:
+                    return float(sample.value)
+    return None
+
+
 class ServiceApiTests(TestCase):
     async def test_api_and_metrics_served(self):
         listen = {"address": "127.0.0.1", "port": 0}
@@ -27,7 +38,15 @@ class ServiceApiTests(TestCase):
         r = await agent.request(b"GET", f"http://127.0.0.1:{hub.port('api')}/v1/nodes".encode())
         self.assertEqual(json.loads(await readBody(r)), {"nodes": []})
         r = await agent.request(b"GET", f"http://127.0.0.1:{hub.port('api')}/metrics".encode())
-        self.assertIn(b"connected_nodes 0.0", await readBody(r))
+        metrics = await readBody(r)
+        self.assertIn(b"connected_nodes 0.0", metrics)
+        expiry = hub.authority.server_certificate.not_valid_after_utc.timestamp()
+        self.assertEqual(server_certificate_expiry(metrics), expiry)
+        # After a restart the metrics are the new start's, on the new port.
+        await hub.stopService()
+        await hub.startService()
+        r = await agent.request(b"GET", f"http://127.0.0.1:{hub.port('api')}/metrics".encode())
+        self.assertEqual(server_certificate_expiry(await readBody(r)), expiry)
 
     async def test_stop_with_stream_and_wait_open(self):
         from twisted.web.client import HTTPConnectionPool
