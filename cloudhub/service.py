@@ -112,6 +112,8 @@ class CloudHubService(MultiService):
         # What the last startService() returned: whoever runs the hub may handle its failure
         # there (tap.py does) rather than leave it to "Unhandled error in Deferred".
         self.started: Deferred[Ports] | None = None
+        self._stopping: Deferred[Any] | None = None
+        self._stop_observers: list[Deferred[None]] = []
 
         self.tokens: TokenIssuer | None = None
         self.certificate_site: CertificateSite | None = None
@@ -151,6 +153,16 @@ class CloudHubService(MultiService):
         """Start the hub; returns :attr:`ready` for this start."""
         if self.running:
             return self.ready
+        if self._stopping is not None:
+            # A stop is still releasing what the last start opened: start once it is done.
+            later: Deferred[Ports] = Deferred()
+
+            def start(_: object) -> None:
+                self.startService().chainDeferred(later)
+
+            self._stopping.addCallback(start)
+            self.started = later
+            return later
         settings = self.config.as_dict(redact=True)
         log.info(
             "cloudhub starting with {path}: {settings}",
@@ -298,7 +310,7 @@ class CloudHubService(MultiService):
         """Stop: close the nodes' connections, stop the parts, commit what was accepted,
         close what the start opened. Fires when all of that is done."""
         if not self.running:
-            return succeed(None)
+            return self._when_stopped()
         log.info("cloudhub stopping")
         self.is_ready = False
         self.handle.close_all(CLOSE_GOING_AWAY, "hub shutting down")
@@ -310,7 +322,25 @@ class CloudHubService(MultiService):
         else:
             self._outcome = None  # ``ready`` now waits for the next start
         stopped.addCallback(lambda _: self._release())
-        return stopped
+        self._stopping = stopped
+
+        def done(result: object) -> object:
+            self._stopping = None
+            observers, self._stop_observers = self._stop_observers, []
+            for observer in observers:
+                observer.callback(None)
+            return result
+
+        stopped.addBoth(done)
+        return self._when_stopped()
+
+    def _when_stopped(self) -> Deferred[None]:
+        """Fires once no stop is under way (at once when none is)."""
+        if self._stopping is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._stop_observers.append(waiter)
+        return waiter
 
     def _when_settled(self) -> Deferred[None]:
         settled: Deferred[None] = Deferred()

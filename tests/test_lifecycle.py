@@ -189,6 +189,22 @@ class LifecycleTests(TestCase):
         self.assertFalse(hub.running)
 
     @inlineCallbacks
+    def test_start_while_stopping_waits_for_the_stop(self):
+        hub = self.hub()
+        yield hub.startService()
+        hub.upstream.send("n", pod_message("u", "1", "insert")).addErrback(lambda f: None)
+        stopping = hub.stopService()
+        again = hub.stopService()  # a second stop waits for the first
+        ready = hub.startService()
+        yield stopping
+        yield again
+        ports = yield ready
+        self.assertTrue(hub.is_ready)
+        self.assertEqual(len(hub.listeners()), len(ports))
+        self.assertEqual(len([s for s in hub if s.name == "websocket"]), 1)
+        self.assertEqual(hub.handle.queues["n"].depth, 1)  # committed by the stop, restored
+
+    @inlineCallbacks
     def test_embedder_children_start_and_stop_with_the_hub(self):
         from twisted.application.service import Service
 
