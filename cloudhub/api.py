@@ -627,6 +627,10 @@ class ApiResource(Resource):
         self.streams: set[_EventStream] = set()
         # Requests waiting for an ACK: called with the answer to give at shutdown.
         self._waiting: set[Callable[[ApiError], None]] = set()
+        # Requests not yet answered (a batch judged over several turns, a durable accept):
+        # the hub's stop lets their answers be written before it closes the connections.
+        self._answering: set[Request] = set()
+        self._answered_waiters: list[Deferred[None]] = []
         self.routes = [
             Route("/v1/nodes/{node}/messages", {"POST": self._post_message}),
             Route("/v1/messages", {"POST": self._post_batch}),
@@ -647,6 +651,8 @@ class ApiResource(Resource):
 
     def render(self, request: Request) -> bytes | int:
         finished: list[bool] = []
+        self._answering.add(request)
+        request.notifyFinish().addBoth(self._answer_written, request)
         try:
             self._authorize(request)
             outcome = self._dispatch(request)
@@ -746,6 +752,22 @@ class ApiResource(Resource):
             peer=_peer(request),
         )
         return _internal_error()
+
+    def _answer_written(self, result: object, request: Request) -> None:
+        # Finished, or the client went away (a failure here is that, and is no error).
+        self._answering.discard(request)
+        if not self._answering:
+            waiters, self._answered_waiters = self._answered_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def answered(self) -> Deferred[None]:
+        """Fires once every request begun so far is answered (at once when none is)."""
+        if not self._answering:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._answered_waiters.append(waiter)
+        return waiter
 
     def close_all(self) -> None:
         """Hub shutdown: end every event stream, answer every ACK wait 503."""
@@ -1189,7 +1211,16 @@ class ApiService(ListeningService):
     def stopService(self) -> Deferred[None] | None:
         stopping = super().stopService()
         self.site.close_all()
-        closing = self.connections.close(CLOSE_TIMEOUT)
+        # What was begun is answered (a batch judged to its end, a durable 202) before the
+        # connections close, for CLOSE_TIMEOUT at most.
+        answered = self.site.resource.answered()
+        answered.addTimeout(CLOSE_TIMEOUT, self.connections.reactor)  # type: ignore[arg-type]
+        answered.addErrback(
+            lambda f: log.warn(
+                "API stopping: answers not written within {timeout} s", timeout=CLOSE_TIMEOUT
+            )
+        )
+        closing = answered.addCallback(lambda _: self.connections.close(CLOSE_TIMEOUT))
         waits: list[Deferred[Any]] = [closing] if stopping is None else [stopping, closing]
         return gatherResults(waits).addCallback(lambda _: None)
 

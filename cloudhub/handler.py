@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -25,7 +25,7 @@ from cloudhub.errors import (
     NodeRefused,
     StaleMessage,
 )
-from cloudhub.interfaces import CLOSE_POLICY, IConnection, IConnectionHandler
+from cloudhub.interfaces import CLOSE_GOING_AWAY, CLOSE_POLICY, IConnection, IConnectionHandler
 from cloudhub.model import Message
 from cloudhub.queue import NodeQueue
 from cloudhub.session import RETRANSMIT_INTERVAL, NodeSession
@@ -97,6 +97,13 @@ class MessageHandle:
         # False before the hub's start and after its stop: nothing is accepted then, so a
         # message is never taken without the store that makes it durable.
         self.running = running
+        # False from the moment the hub starts stopping: no new node session (a handshake
+        # that completes during the stop would otherwise outlive it).
+        self.serving_nodes = running
+        # The store's last commit while it is let go (detach): flush() waits for it.
+        self._released: Deferred[None] | None = None
+        self._release_observers: list[Deferred[None]] = []
+        self._release_failure: Failure | None = None
         if store is not None:
             self.attach(store, store.load())
 
@@ -114,19 +121,28 @@ class MessageHandle:
         if restored:
             log.info("{count} undelivered messages restored from the sync store", count=restored)
         self.running = True
+        self.serving_nodes = True
+        self._released = None
+        self._release_failure = None
         return restored
 
     def stop_accepting(self) -> None:
         """Refuse new messages from now on (:class:`HubNotRunning`); the hub is stopping."""
         self.running = False
 
-    def detach(self) -> None:
+    def detach(self, released: Deferred[None] | None = None) -> None:
         """Let go of the store and the queues (the hub stopped; sessions are closed first).
 
         Whoever still waits on a :meth:`send` gets :class:`DeliveryStopped`: what the store
-        holds stays owed and is delivered after the next start.
+        holds stays owed and is delivered after the next start. ``released`` fires when the
+        store's last commit is done: until then :meth:`flush` waits for it, so nothing is
+        reported durable before it is.
         """
         self.running = False
+        self.stop_serving()
+        if released is not None:
+            self._released = released
+            released.addBoth(self._store_released)
         queues, self.queues = self.queues, {}
         for queue in queues.values():
             queue.stop_waiting(_stopped_error(queue.node_id))
@@ -136,6 +152,8 @@ class MessageHandle:
 
     def connection_made(self, connection: IConnection) -> None:
         node_id = connection.node_id
+        if not self.serving_nodes:
+            raise NodeRefused(node_id, "hub shutting down")
         old = self.sessions.get(node_id)
         if old is None and len(self.sessions) >= self.node_limit:
             self.stats.node_limit_refusals += 1
@@ -237,8 +255,13 @@ class MessageHandle:
             )
         )
 
+    def stop_serving(self) -> None:
+        """The hub is stopping: close every node's connection (1001) and take no new one."""
+        self.serving_nodes = False
+        self.close_all(CLOSE_GOING_AWAY, "hub shutting down")
+
     def close_all(self, code: int, reason: str) -> None:
-        """Close every node's connection (hub shutdown); queues are kept."""
+        """Close every node's connection; queues are kept."""
         for session in list(self.sessions.values()):
             self._end(session, reason)
             session.connection.close(code, reason)
@@ -292,9 +315,26 @@ class MessageHandle:
 
     def flush(self) -> Deferred[None]:
         """Fires once every message accepted before the call is durable in the sync store."""
-        if self.store is None:
-            return succeed(None)
-        return self.store.flush()
+        if self.store is not None:
+            return self.store.flush()
+        if self._released is not None:
+            waiter: Deferred[None] = Deferred()
+            self._release_observers.append(waiter)
+            return waiter
+        if self._release_failure is not None:
+            return fail(self._release_failure)  # what was accepted may not be durable
+        return succeed(None)
+
+    def _store_released(self, result: object) -> object:
+        self._released = None
+        self._release_failure = result if isinstance(result, Failure) else None
+        observers, self._release_observers = self._release_observers, []
+        for waiter in observers:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+        return result
 
     # --- subscribers -------------------------------------------------------------------------
 

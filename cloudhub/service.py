@@ -38,7 +38,6 @@ from cloudhub.config import HubConfig
 from cloudhub.endpoints import server_endpoint
 from cloudhub.errors import HubNotRunning
 from cloudhub.handler import MessageHandle
-from cloudhub.interfaces import CLOSE_GOING_AWAY
 from cloudhub.listening import ListeningService
 from cloudhub.metrics import HubMetrics
 from cloudhub.store import MemorySyncStore, open_store
@@ -113,6 +112,7 @@ class CloudHubService(MultiService):
         # there (tap.py does) rather than leave it to "Unhandled error in Deferred".
         self.started: Deferred[Ports] | None = None
         self._stopping: Deferred[Any] | None = None
+        self._start_after_stop = False
         self._stop_observers: list[Deferred[None]] = []
 
         self.tokens: TokenIssuer | None = None
@@ -154,11 +154,17 @@ class CloudHubService(MultiService):
         if self.running:
             return self.ready
         if self._stopping is not None:
-            # A stop is still releasing what the last start opened: start once it is done.
+            # A stop is still releasing what the last start opened: start once it is done,
+            # unless a stop is asked for meanwhile (the last call wins).
             later: Deferred[Ports] = Deferred()
+            self._start_after_stop = True
 
             def start(_: object) -> None:
-                self.startService().chainDeferred(later)
+                if self._start_after_stop:
+                    self._start_after_stop = False
+                    self.startService().chainDeferred(later)
+                else:
+                    later.errback(HubNotRunning("cloudhub was stopped before it started"))
 
             self._stopping.addCallback(start)
             self.started = later
@@ -310,14 +316,18 @@ class CloudHubService(MultiService):
         """Stop: close the nodes' connections, stop the parts, commit what was accepted,
         close what the start opened. Fires when all of that is done."""
         if not self.running:
+            self._start_after_stop = False  # a start queued behind a stop is called off
             return self._when_stopped()
         log.info("cloudhub stopping")
         self.is_ready = False
-        self.handle.close_all(CLOSE_GOING_AWAY, "hub shutting down")
+        # No new node session from now on; the API (stopped first) answers what it began,
+        # then the store commits everything accepted until then.
+        self.handle.stop_serving()
         stopped: Deferred[Any] = super().stopService()  # the parts, the API first
         stopped.addErrback(lambda f: log.failure("stopping a part of the hub failed", f))
         if self._outcome is None:
             # Still opening (threads cannot be interrupted): wait for it, then undo it.
+            log.info("cloudhub stopping: waiting for the CA and the sync store to finish opening")
             stopped.addCallback(lambda _: self._when_settled())
         else:
             self._outcome = None  # ``ready`` now waits for the next start
@@ -353,7 +363,21 @@ class CloudHubService(MultiService):
         self._outcome = None
         if self.metrics is not None:
             self.metrics.close()
-        self.handle.detach()
+        done = self._commit_and_close()
+        released: Deferred[None] = Deferred()
+
+        def relay(result: object) -> None:
+            if isinstance(result, Failure):
+                log.failure("closing the sync store failed", result)
+                released.errback(result)
+            else:
+                released.callback(None)
+
+        done.addBoth(relay)
+        # Sends accepted during the stop are committed by this close: until it is done, a
+        # flush() waits for it instead of answering at once.
+        self.handle.detach(released)
+        released.addErrback(lambda _: None)  # logged above; flush() callers got it
         parts, self._parts = self._parts, []
         for part in parts:
             part.disownServiceParent()
@@ -361,6 +385,10 @@ class CloudHubService(MultiService):
         self.websocket = self.quic = self.api = self.tuning = None
         if self._given_authority is None:
             self.authority = None
+        return done
+
+    def _commit_and_close(self) -> Deferred[Any]:
+        """Commit what was accepted; close the store if this start opened it."""
         store, given = self.store, self._given_store
         if store is None:
             return succeed(None)
@@ -370,7 +398,6 @@ class CloudHubService(MultiService):
         else:
             self.store = None
             done = store.close()
-        done.addErrback(lambda f: log.failure("closing the sync store failed", f))
         return done
 
     def port(self, name: str) -> int:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from cloudhub import __version__
 from cloudhub.config import HubConfig, load_config
-from cloudhub.errors import CloudHubError
+from cloudhub.errors import CloudHubError, HubNotRunning
 
 log = Logger()
 
@@ -60,21 +62,27 @@ def makeService(options: Options | dict[str, Any]) -> IService:
 
 
 def stop_if_start_fails(service: Any, reactor: Any) -> None:
-    """A hub that cannot start stops the daemon, which then exits with a non-zero status."""
+    """A hub that cannot start stops the daemon, which then exits with a non-zero status.
+
+    A start cut short by a deliberate stop (SIGTERM while the store opens) is no failure.
+    """
 
     def failed(failure: Failure) -> None:
-        if not reactor.running:
+        if failure.check(HubNotRunning) or not service.running:
             return
-        reactor.addSystemEventTrigger("after", "shutdown", _exit, EXIT_START_FAILED)
-        reactor.stop()
+        # At interpreter exit, after twistd has removed its pid file.
+        atexit.register(_exit, EXIT_START_FAILED)
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass  # already stopping: the exit status is set all the same
 
     if service.started is not None:
         service.started.addErrback(failed)
 
 
 def _exit(status: int) -> None:
-    # After the hub's stopService (a "before shutdown" trigger) closed the store: nothing is
-    # left to write but buffered log lines.
+    # The hub has stopped and twistd has cleaned up: only buffered log lines are left.
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import TCP6ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -329,3 +329,64 @@ def _wait_exit(process: subprocess.Popen[bytes], timeout: float):
     while process.poll() is None and time.monotonic() < deadline:
         yield _sleep(0.1)
     return process.poll()
+
+
+class SystemdEndpointTests(TestCase):
+    """Sockets handed over by systemd, adopted again at each start of the hub."""
+
+    def inherited(self) -> tuple[socket.socket, Any]:
+        from twisted.python.systemd import ListenFDs
+
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        self.addCleanup(listening.close)
+        return listening, ListenFDs([listening.fileno()], ("api",))
+
+    @inlineCallbacks
+    def test_adopted_again_after_a_stop(self):
+        from cloudhub.endpoints import server_endpoint
+
+        listening, inherited = self.inherited()
+        port_number = listening.getsockname()[1]
+        for description in ("systemd:domain=INET:index=0", "systemd:domain=INET:name=api"):
+            for _ in range(2):  # start, stop, start again: the inherited socket stays usable
+                endpoint = server_endpoint(reactor, description, "", 0, inherited=inherited)
+                port = yield endpoint.listen(Factory.forProtocol(Protocol))
+                self.assertEqual(port.getHost().port, port_number)
+                client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port_number).connect(
+                    Factory.forProtocol(Protocol)
+                )
+                client.transport.loseConnection()
+                yield port.stopListening()
+        self.assertEqual(listening.getsockname()[1], port_number)  # still open, still ours
+
+    def test_missing_socket_named_clearly(self):
+        from cloudhub.endpoints import server_endpoint
+
+        _, inherited = self.inherited()
+        with self.assertRaises(ValueError) as caught:
+            server_endpoint(reactor, "systemd:domain=INET:index=3", "", 0, inherited=inherited)
+        self.assertIn("systemd passed this process no socket index 3", str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            server_endpoint(reactor, "systemd:domain=INET:name=ws", "", 0, inherited=inherited)
+        self.assertIn("no socket named 'ws'", str(caught.exception))
+
+    def test_descriptions_refused_before_start(self):
+        for description, why in (
+            ("tcp:70000", "port number from 0 to 65535"),
+            ("tcp:-1", "port number from 0 to 65535"),
+            ("unix:", "needs the socket's path"),
+            ("systemd:domain=INET:index=0:index=1", "index= is given twice"),
+        ):
+            self.assertIn(why, endpoint_problem(description) or "", description)
+
+    @inlineCallbacks
+    def test_backlog_of_the_hub_unless_the_description_sets_one(self):
+        from cloudhub.endpoints import server_endpoint
+
+        endpoint = server_endpoint(reactor, "tcp:0:interface=127.0.0.1", "", 0, backlog=77)
+        self.assertEqual(endpoint._backlog, 77)
+        endpoint = server_endpoint(reactor, "tcp:0:backlog=5", "", 0, backlog=77)
+        self.assertEqual(endpoint._backlog, 5)
+        yield None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -614,3 +615,76 @@ class SendManyTests(HubTestCase):
         self.assertEqual(connection.sent[-1].content["metadata"]["uid"], "u2")
         self.assertEqual(self.handle.stats.refused_stale, 1)
         self.assertEqual(self.handle.stats.refused_invalid, 2)
+
+
+class AttachDetachTests(SynchronousTestCase):
+    """MessageHandle as CloudHubService starts and stops it (issue 15)."""
+
+    def setUp(self) -> None:
+        from cloudhub.store import MemorySyncStore
+
+        self.clock = Clock()
+        self.store = MemorySyncStore()
+        self.handle = MessageHandle(self.clock, running=False)
+
+    def test_nothing_accepted_before_attach(self) -> None:
+        from cloudhub.errors import HubNotRunning
+
+        with self.assertRaises(HubNotRunning):
+            self.handle.send("n", pod_message("u", "1", "insert"))
+        self.handle.attach(self.store, [])
+        self.handle.send("n", pod_message("u", "1", "insert")).addErrback(lambda f: None)
+        self.assertEqual(self.handle.queues["n"].depth, 1)
+
+    def test_no_new_session_once_stopping(self) -> None:
+        from cloudhub.errors import NodeRefused
+
+        self.handle.attach(self.store, [])
+        early = FakeConnection("edge-1")
+        self.handle.connection_made(early)
+        self.handle.stop_serving()
+        self.assertEqual(early.closed, (1001, "hub shutting down"))
+        late = FakeConnection("edge-2")  # its handshake completed during the stop
+        with self.assertRaises(NodeRefused):
+            self.handle.connection_made(late)
+        self.assertEqual(self.handle.sessions, {})
+        self.handle.attach(self.store, [])  # the next start serves nodes again
+        self.handle.connection_made(FakeConnection("edge-2"))
+        self.assertIn("edge-2", self.handle.sessions)
+
+    def test_flush_waits_for_the_store_let_go(self) -> None:
+        self.handle.attach(self.store, [])
+        released: Deferred[None] = Deferred()
+        self.handle.detach(released)
+        flushed = self.handle.flush()
+        self.assertFalse(flushed.called)  # the store's last commit is not done yet
+        released.callback(None)
+        self.assertIsNone(self.successResultOf(flushed))
+        self.assertIsNone(self.successResultOf(self.handle.flush()))
+
+    def test_flush_fails_when_the_last_commit_failed(self) -> None:
+        from cloudhub.store import StoreError
+
+        self.handle.attach(self.store, [])
+        released: Deferred[None] = Deferred()
+        self.handle.detach(released)
+        flushed = self.handle.flush()
+        released.errback(StoreError("database or disk is full"))
+        self.failureResultOf(flushed, StoreError)
+        # Not durable, and says so until the next start.
+        self.failureResultOf(self.handle.flush(), StoreError)
+        released.addErrback(lambda _: None)
+        self.handle.attach(self.store, [])
+        self.assertIsNone(self.successResultOf(self.handle.flush()))
+
+    def test_detach_ends_waiting_sends_and_sessions(self) -> None:
+        from cloudhub.errors import DeliveryStopped
+
+        self.handle.attach(self.store, [])
+        connection = FakeConnection("edge-1")
+        self.handle.connection_made(connection)
+        waiting = self.handle.send("edge-1", pod_message("u", "1", "insert"))
+        self.handle.detach()
+        self.failureResultOf(waiting, DeliveryStopped)
+        self.assertEqual(self.handle.sessions, {})
+        self.assertIsNotNone(connection.closed)

@@ -205,6 +205,64 @@ class LifecycleTests(TestCase):
         self.assertEqual(hub.handle.queues["n"].depth, 1)  # committed by the stop, restored
 
     @inlineCallbacks
+    def test_stop_start_stop_ends_stopped(self):
+        """The last call wins: a start queued behind a stop is called off by a later stop."""
+        hub = self.hub()
+        yield hub.startService()
+        first = hub.stopService()
+        queued = hub.startService()
+        last = hub.stopService()
+        yield first
+        yield last
+        [failure] = yield queued.addErrback(lambda f: [f])
+        self.assertTrue(failure.check(HubNotRunning), failure)
+        self.assertFalse(hub.running)
+        self.assertIsNone(hub.store)
+        self.assertFalse(hub.listeners())
+
+    @inlineCallbacks
+    def test_batch_begun_before_a_stop_is_answered(self):
+        """The API answers a batch it began before the stop closes its connection."""
+        import json
+        from io import BytesIO
+
+        from twisted.web.client import FileBodyProducer
+        from twisted.web.http_headers import Headers
+
+        from .test_api import pod_body
+
+        hub = self.hub()
+        yield hub.startService()
+        entries = [
+            {"node": f"n{i % 7}", "message": pod_body(f"uid-{i}", "1", name=f"p{i}")}
+            for i in range(1200)  # three slices of 500, one per reactor turn
+        ]
+        send_many = hub.upstream.send_many
+        stopping: list[Deferred[None]] = []
+
+        def send_and_stop(valid):
+            outcome = send_many(valid)
+            if not stopping:
+                stopping.append(hub.stopService())  # the stop begins after the first slice
+            return outcome
+
+        hub.upstream.send_many = send_and_stop  # type: ignore[method-assign]
+        response = yield Agent(reactor).request(
+            b"POST",
+            f"http://127.0.0.1:{hub.port('api')}/v1/messages".encode(),
+            Headers({b"content-type": [b"application/json"]}),
+            FileBodyProducer(BytesIO(json.dumps(entries).encode())),
+        )
+        answer = json.loads((yield readBody(response)))
+        yield stopping[0]
+        self.assertEqual(response.code, 200, answer)
+        self.assertEqual((answer["accepted"], answer["refused"]), (1200, 0))
+        # Accepted means durable: every entry is in the store after the stop.
+        yield hub.startService()
+        records = yield hub.store.records()
+        self.assertEqual(len(records), 1200)
+
+    @inlineCallbacks
     def test_embedder_children_start_and_stop_with_the_hub(self):
         from twisted.application.service import Service
 

@@ -116,21 +116,75 @@ class TwistdTests(SynchronousTestCase):
                 process.wait()
 
 
+CONFIG = (
+    "cloudHub:\n"
+    "  tlsCAFile: ca/missing.crt\n  tlsCAKeyFile: ca/missing.key\n"
+    "  tlsCertFile: certs/missing.crt\n  tlsPrivateKeyFile: certs/missing.key\n"
+    "  websocket: {{address: 127.0.0.1, port: {ws}}}\n"
+    "  https: {{address: 127.0.0.1, port: 0}}\n"
+    "hub:\n  dataDir: data\n  api: {{port: 0}}\n"
+)
+
+
 class TwistdLifecycleTests(SynchronousTestCase):
-    def mktemp_dir(self) -> str:
+    """Exit statuses and clean-up as a service manager sees them (issue 15)."""
+
+    def workdir(self, ws: int = 0) -> tuple[str, str]:
         path = os.path.abspath(self.mktemp())
         os.makedirs(path)
-        return path
+        config = os.path.join(path, "hub.yaml")
+        with open(config, "w") as f:
+            f.write(CONFIG.format(ws=ws))
+        return path, config
+
+    def popen(self, args: list[str], cwd: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            TWISTD + args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=twistd_env(),
+            cwd=cwd,
+        )
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+        assert process.stdout is not None
+        os.set_blocking(process.stdout.fileno(), False)
+        return process
+
+    def read_until(self, process: subprocess.Popen[bytes], needle: bytes) -> bytes:
+        assert process.stdout is not None
+        out = b""
+        deadline = time.monotonic() + 30
+        while needle not in out and time.monotonic() < deadline and process.poll() is None:
+            out += process.stdout.read() or b""
+            time.sleep(0.05)
+        return out
+
+    def run_failing(self, cwd: str, config: str) -> tuple[int, str]:
+        out = subprocess.run(
+            TWISTD + ["-n", "cloudhub", "--config", config],
+            capture_output=True,
+            text=True,
+            env=twistd_env(),
+            cwd=cwd,
+            timeout=60,
+        )
+        output = out.stdout + out.stderr
+        self.assertIn("cloudhub cannot start", output)
+        self.assertNotIn("Unhandled error in Deferred", output)
+        # The default pid file is removed even though the start failed.
+        self.assertFalse(os.path.exists(os.path.join(cwd, "twistd.pid")), output)
+        return out.returncode, output
 
     def test_version(self) -> None:
         from cloudhub import __version__
 
+        cwd, _ = self.workdir()
         out = subprocess.run(
             TWISTD + ["cloudhub", "--version"],
             capture_output=True,
             text=True,
             env=twistd_env(),
-            cwd=self.mktemp_dir(),
+            cwd=cwd,
             timeout=60,
         )
         self.assertEqual(out.returncode, 0, out.stderr)
@@ -143,27 +197,45 @@ class TwistdLifecycleTests(SynchronousTestCase):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         self.addCleanup(taken.close)
-        workdir = self.mktemp_dir()
-        config = os.path.join(workdir, "hub.yaml")
-        with open(config, "w") as f:
-            f.write(
-                "cloudHub:\n"
-                "  tlsCAFile: ca/missing.crt\n  tlsCAKeyFile: ca/missing.key\n"
-                "  tlsCertFile: certs/missing.crt\n  tlsPrivateKeyFile: certs/missing.key\n"
-                f"  websocket: {{address: 127.0.0.1, port: {taken.getsockname()[1]}}}\n"
-                "  https: {address: 127.0.0.1, port: 0}\n"
-                "hub:\n  dataDir: data\n  api: {port: 0}\n"
-            )
-        out = subprocess.run(
-            TWISTD + ["-n", "--pidfile=", "cloudhub", "--config", config],
-            capture_output=True,
-            text=True,
-            env=twistd_env(),
-            cwd=workdir,
-            timeout=60,
-        )
-        output = out.stdout + out.stderr
-        self.assertEqual(out.returncode, tap.EXIT_START_FAILED, output)
-        self.assertIn("cloudhub cannot start", output)
+        cwd, config = self.workdir(ws=taken.getsockname()[1])
+        code, output = self.run_failing(cwd, config)
+        self.assertEqual(code, tap.EXIT_START_FAILED, output)
         self.assertIn("Address already in use", output)
-        self.assertNotIn("Unhandled error in Deferred", output)
+
+    def test_bad_ca_file_exits_non_zero(self) -> None:
+        cwd, config = self.workdir()
+        os.makedirs(os.path.join(cwd, "ca"))
+        for name in ("missing.crt", "missing.key"):
+            with open(os.path.join(cwd, "ca", name), "w") as f:
+                f.write("garbage\n")
+        code, output = self.run_failing(cwd, config)
+        self.assertEqual(code, tap.EXIT_START_FAILED, output)
+
+    def test_store_that_cannot_be_opened_exits_non_zero(self) -> None:
+        cwd, config = self.workdir()
+        os.makedirs(os.path.join(cwd, "data", "cloudhub.db"))  # a directory
+        code, output = self.run_failing(cwd, config)
+        self.assertEqual(code, tap.EXIT_START_FAILED, output)
+        self.assertIn("cloudhub.db", output)
+
+    def test_sigterm_while_starting_exits_zero(self) -> None:
+        """A stop while the CA is still being opened is deliberate: exit 0."""
+        import fcntl
+
+        cwd, config = self.workdir()
+        os.makedirs(os.path.join(cwd, "data"))
+        fd = os.open(os.path.join(cwd, "data", ".certs.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the CA thread waits for this lock
+        try:
+            process = self.popen(["-n", "--pidfile=", "cloudhub", "--config", config], cwd)
+            out = self.read_until(process, b"cloudhub starting")
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        code = process.wait(timeout=30)
+        assert process.stdout is not None
+        out += process.stdout.read() or b""
+        self.assertEqual(code, 0, out.decode(errors="replace")[-3000:])
