@@ -5,13 +5,14 @@ BIN := $(VENV)/bin
 CONFIG ?= etc/cloudhub.yaml
 TESTS ?= tests
 
-.PHONY: run test venv lint typecheck clean
+.PHONY: run test venv lint typecheck clean package-check wheel image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python setup.py
+# The metadata and dependencies are in pyproject.toml, the package layout in setup.py.
+$(VENV)/.installed: $(BIN)/python setup.py pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
@@ -31,5 +32,24 @@ typecheck: venv
 	$(BIN)/pip install --quiet mypy mypy-zope
 	$(BIN)/mypy cloudhub
 
+# Packaging (README "Install from a wheel", "Container"). package-check builds the sdist and the
+# wheel from a clean copy of the checkout, installs the wheel with packaging/install.sh into a
+# temporary virtualenv and runs the installed hub there (CI runs it after the tests).
+package-check:
+	PYTHON=$(PYTHON) bash packaging/check-install.sh
+
+# dist/cloudhub-<version>-py3-none-any.whl (build/ removed first: a stale one can leak into it).
+wheel:
+	rm -rf build
+	$(PYTHON) -m pip wheel --no-deps -w dist .
+	rm -rf build
+
+# cloudhub:<version>; e.g. CONTAINER_ENGINE=podman IMAGE_ARGS="--build-arg PYTHON_IMAGE=..."
+CONTAINER_ENGINE ?= docker
+IMAGE_ARGS ?=
+VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' cloudhub/__init__.py)
+image:
+	$(CONTAINER_ENGINE) build $(IMAGE_ARGS) -t cloudhub:$(VERSION) .
+
 clean:
-	rm -rf $(VENV) _trial_temp* build *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) _trial_temp* build dist *.egg-info twisted/plugins/dropin.cache
