@@ -52,6 +52,7 @@ def init(args: argparse.Namespace) -> int:
         had_server, skipped = find_server_pair(config, ca.certificate, utc_now())
     authority = CertificateAuthority.load_or_create(config)
     ca = CertificateAuthority.load_ca(config)
+    store_created = _create_store(config)
     server, skipped_now = find_server_pair(config, authority.ca_certificate, utc_now())
     if not had_ca:  # only now is there a CA to check them against
         skipped = skipped_now
@@ -67,9 +68,27 @@ def init(args: argparse.Namespace) -> int:
     verb = "found the existing" if kept_server else "created the"
     print(f"{verb} server certificate: {server.path} (key {server.key_path})")
     print(f"  names: {', '.join(certificate_names(server.certificate)) or '(none)'}")
-    if had_data_dir and had_ca and kept_server:
+    if store_created:
+        print(f"created the sync store: {config.store_path}")
+    if had_data_dir and had_ca and kept_server and not store_created:
         print("nothing changed")
     return 0
+
+
+def _create_store(config: HubConfig) -> bool:
+    """Create the SQLite sync store as the first start would; False when it exists (or is
+    not a file): a data directory with a CA and no store is refused at start (store/guard.py)."""
+    import os
+
+    if config.hub.store.type != "sqlite" or os.path.exists(config.store_path):
+        return False
+    from twisted.internet import reactor
+
+    from cloudhub.store import SQLiteSyncStore
+
+    store = SQLiteSyncStore(config.store_path, reactor)
+    store.close()
+    return True
 
 
 def check_config(args: argparse.Namespace) -> int:

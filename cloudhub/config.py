@@ -143,6 +143,9 @@ class CloudHubConfig:
 class StoreConfig:
     type: str = _key("type", "sqlite", _one_of("sqlite", "memory"))
     path: str = _key("path", "")  # "" = <dataDir>/cloudhub.db
+    # Start with a missing or empty store file although this dataDir has run a hub before
+    # (it holds the CA the hub generated): refused unless this is true (store/guard.py).
+    allow_empty: bool = _key("allowEmpty", False)
 
 
 @dataclass(frozen=True)

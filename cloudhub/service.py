@@ -41,6 +41,7 @@ from cloudhub.handler import MessageHandle
 from cloudhub.listening import ListeningService
 from cloudhub.metrics import HubMetrics
 from cloudhub.store import MemorySyncStore, open_store
+from cloudhub.store.guard import check_store_file, has_run_before
 from cloudhub.store.interfaces import ISyncStore, SyncRecord
 from cloudhub.tuning import InterpreterTuning
 from cloudhub.upstream import Upstream
@@ -112,6 +113,7 @@ class CloudHubService(MultiService):
         # there (tap.py does) rather than leave it to "Unhandled error in Deferred".
         self.started: Deferred[Ports] | None = None
         self._stopping: Deferred[Any] | None = None
+        self._has_run_before = False
         self._start_after_stop = False
         self._stop_observers: list[Deferred[None]] = []
 
@@ -190,7 +192,7 @@ class CloudHubService(MultiService):
         if self._given_authority is not None:
             authority: Deferred[CertificateAuthority] = succeed(self._given_authority)
         else:
-            authority = self._in_thread(CertificateAuthority.load_or_create, self.config)
+            authority = self._in_thread(self._load_authority)
 
         def open_store_and_read(authority: CertificateAuthority) -> Deferred[Any]:
             self.authority = authority
@@ -207,7 +209,14 @@ class CloudHubService(MultiService):
 
         return authority.addCallback(open_store_and_read)
 
+    def _load_authority(self) -> CertificateAuthority:
+        # Looked at before the CA may be created: a data directory that has run a hub before.
+        self._has_run_before = has_run_before(self.config)
+        return CertificateAuthority.load_or_create(self.config)
+
     def _open_configured_store(self) -> tuple[ISyncStore, list[SyncRecord]]:
+        if self.config.hub.store.type == "sqlite" and not self.config.hub.store.allow_empty:
+            check_store_file(self.config.store_path, self._has_run_before)
         store = open_store(self.config.hub.store.type, self.config.store_path, self.reactor)
         try:
             return store, store.load()

@@ -187,6 +187,7 @@ class InitCommandTests(CommandTestCase):
                 f"created the server certificate: {server} "
                 f"(key {config.data_path('certs', 'server.key')})",
                 "  names: 127.0.0.1, ::1",
+                f"created the sync store: {config.store_path}",
             ],
         )
         # What the hub loads at start is exactly what init made.

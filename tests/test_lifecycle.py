@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import CannotListenError
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
@@ -305,3 +307,90 @@ class ReadinessTests(TestCase):
         self.assertEqual(response.code, 200)
         done: Deferred[None] = hub.stopService()
         yield done
+
+
+class EmptyStoreTests(TestCase):
+    """Issue 18, finding 10: a store that vanished beside the hub's CA is refused."""
+
+    timeout = 60
+
+    def config(self, **store: object):
+        from cloudhub.config import parse_config
+
+        data = hub_config(os.path.abspath(self.mktemp())).as_dict()
+        data["hub"]["store"].update(store)
+        return parse_config(data)
+
+    @inlineCallbacks
+    def run_once(self, config) -> Any:
+        hub = CloudHubService(config, reactor=reactor)
+        self.addCleanup(hub.stopService)
+        outcome = yield hub.startService().addCallbacks(lambda ports: [ports], lambda f: [f])
+        yield hub.stopService()
+        return outcome  # [ports] or [failure]
+
+    @inlineCallbacks
+    def owe_something(self, config) -> Any:
+        hub = CloudHubService(config, reactor=reactor)
+        yield hub.startService()
+        hub.upstream.send("n", pod_message("u", "1", "insert")).addErrback(lambda f: None)
+        yield hub.stopService()
+
+    @inlineCallbacks
+    def test_zero_length_store_beside_the_ca_is_refused(self):
+        from cloudhub.store.guard import EmptyStoreRefused
+
+        config = self.config()
+        yield self.owe_something(config)
+        open(config.store_path, "w").close()  # truncated: what was owed is gone
+        [outcome] = yield self.run_once(config)
+        self.assertIsInstance(outcome, Failure)
+        self.assertTrue(outcome.check(EmptyStoreRefused), outcome)
+        self.assertIn("is empty (0 bytes)", outcome.getErrorMessage())
+        self.assertIn("hub.store.allowEmpty", outcome.getErrorMessage())
+        self.assertEqual(os.path.getsize(config.store_path), 0)  # left as found
+
+    @inlineCallbacks
+    def test_missing_store_beside_the_ca_is_refused(self):
+        from cloudhub.store.guard import EmptyStoreRefused
+
+        config = self.config()
+        yield self.owe_something(config)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(config.store_path + suffix):
+                os.remove(config.store_path + suffix)
+        [outcome] = yield self.run_once(config)
+        self.assertTrue(outcome.check(EmptyStoreRefused), outcome)
+        self.assertIn("is missing", outcome.getErrorMessage())
+
+    @inlineCallbacks
+    def test_operator_may_start_empty(self):
+        from cloudhub.config import parse_config
+
+        config = self.config()
+        yield self.owe_something(config)
+        open(config.store_path, "w").close()
+        data = config.as_dict()
+        data["hub"]["store"]["allowEmpty"] = True
+        [outcome] = yield self.run_once(parse_config(data))
+        self.assertIn("websocket", outcome)
+
+    @inlineCallbacks
+    def test_first_start_and_start_after_init(self):
+        from cloudhub.cli import main
+
+        config = self.config()
+        [outcome] = yield self.run_once(config)  # a first start creates CA and store
+        self.assertIn("websocket", outcome)
+        [outcome] = yield self.run_once(config)  # and starts again on them
+        self.assertIn("websocket", outcome)
+        fresh = self.config()
+        path = os.path.join(os.path.dirname(fresh.hub.data_dir), "hub.yaml")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        import yaml
+
+        with open(path, "w") as f:
+            yaml.safe_dump(fresh.as_dict(), f)
+        self.assertEqual(main(["init", "--config", path]), 0)
+        [outcome] = yield self.run_once(fresh)  # init made the CA and the store: no refusal
+        self.assertIn("websocket", outcome)
