@@ -159,6 +159,35 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """Connections one listener admits (cloudhub/limits.py); more are closed at accept."""
+
+    max_connections: int = _key("maxConnections", 1024, _at_least(0))  # 0: no cap
+    # Open connections from one source address (0: no cap). Edges behind one NAT share one.
+    max_per_address: int = _key("maxConnectionsPerAddress", 32, _at_least(0))
+    # Accept only while more than this many file descriptors stay free (RLIMIT_NOFILE).
+    descriptor_reserve: int = _key("descriptorReserve", 256, _at_least(0))
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may hold of the hub (issue 18): HTTP heads, connections, descriptors."""
+
+    # The request line and headers must be complete this many seconds after a connection (or
+    # a kept-alive request) began, however slowly bytes arrive: else 408 and close.
+    header_timeout: int = _key("headerTimeout", 10, _at_least(1))
+    # A whole certificate-server request (head and body), seconds; 0: no such deadline.
+    request_timeout: int = _key("requestTimeout", 30, _at_least(0))
+    max_request_line: int = _key("maxRequestLine", 8192, _at_least(256))  # bytes; over: 414
+    max_header_bytes: int = _key("maxHeaderBytes", 16384, _at_least(1024))  # bytes; over: 431
+    max_headers: int = _key("maxHeaders", 100, _at_least(8))  # header lines; over: 431
+    https: ConnectionLimits = _key("https", ConnectionLimits())
+    api: ConnectionLimits = _key(
+        "api", ConnectionLimits(max_per_address=0, descriptor_reserve=64)
+    )
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     enable: bool = _key("enable", True)
 
@@ -169,6 +198,7 @@ class HubSettings:
     store: StoreConfig = _key("store", StoreConfig())
     api: ApiConfig = _key("api", ApiConfig())
     metrics: MetricsConfig = _key("metrics", MetricsConfig())
+    limits: LimitsConfig = _key("limits", LimitsConfig())
     max_message_size: int = _key("maxMessageSize", 8 * MIB, _at_least(1024))
     listen_backlog: int = _key("listenBacklog", 1024, _at_least(1))
     # One log event per HTTP request (API and certificate server), in the hub's log format.

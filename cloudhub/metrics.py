@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -380,6 +380,69 @@ class LatencyHistogram(Collector):
         )
 
 
+_HTTP_REFUSALS = (
+    ("head_timeout", "head_timeouts"),
+    ("request_timeout", "request_timeouts"),
+    ("uri_too_long", "uri_too_long"),
+    ("headers_too_large", "headers_too_large"),
+    ("bad_framing", "bad_framing"),
+    ("bad_request", "bad_requests"),
+)
+_CONNECTION_REFUSALS = (
+    ("listener", "refused_listener"),
+    ("address", "refused_address"),
+    ("descriptors", "refused_descriptors"),
+)
+
+# {listener name: (its ConnectionLimiter or None, its Site or None)}, read at each scrape.
+LimitSources = Callable[[], Mapping[str, tuple[Any, Any]]]
+
+
+class LimitsCollector(Collector):
+    """What the connection caps and HTTP limits refused (issue 18), by listener."""
+
+    def __init__(self, sources: LimitSources) -> None:
+        self.sources = sources
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(read=False)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(read=True)
+
+    def _families(self, read: bool) -> Iterator[Metric]:
+        open_now = GaugeMetricFamily(
+            "cloudhub_connections_open",
+            "Connections open on a limited listener (hub.limits)",
+            labels=["listener"],
+        )
+        refused = CounterMetricFamily(
+            "cloudhub_connections_refused",
+            "Connections closed at accept: the listener's cap (listener), the per-address cap "
+            "(address), or the file descriptor reserve (descriptors)",
+            labels=["listener", "reason"],
+        )
+        http_refused = CounterMetricFamily(
+            "cloudhub_http_refused",
+            "HTTP requests refused by the limits: head or request not complete in time (408), "
+            "request line too long (414), headers too large (431), bad framing or head (400)",
+            labels=["listener", "reason"],
+        )
+        if read:
+            for name, (limiter, site) in sorted(self.sources().items()):
+                if limiter is not None:
+                    open_now.add_metric([name], limiter.open)
+                    for reason, attribute in _CONNECTION_REFUSALS:
+                        refused.add_metric([name, reason], getattr(limiter.counters, attribute))
+                counters = getattr(site, "http_counters", None)
+                if counters is not None:
+                    for reason, attribute in _HTTP_REFUSALS:
+                        http_refused.add_metric([name, reason], getattr(counters, attribute))
+        yield open_now
+        yield refused
+        yield http_refused
+
+
 class HubMetrics:
     """The metrics of one hub: a registry, the collectors, the ACK latency histogram.
 
@@ -398,9 +461,12 @@ class HubMetrics:
         *,
         authority: CertificateAuthority | None = None,
         store: ISyncStore | None = None,
+        limits: LimitSources | None = None,
     ) -> None:
         self.handle = handle
         self.registry = CollectorRegistry(auto_describe=True)
+        if limits is not None:
+            self.registry.register(LimitsCollector(limits))
         self.registry.register(HubCollector(handle, certificates))
         if authority is not None:
             self.registry.register(CertificateExpiryCollector(authority))

@@ -33,11 +33,12 @@ from twisted.python.failure import Failure
 from cloudhub.certs.authority import CertificateAuthority
 from cloudhub.certs.tls import server_tls_options
 from cloudhub.certs.token import TokenIssuer
-from cloudhub.certs.web import CertificateSite, certificate_site
-from cloudhub.config import HubConfig
+from cloudhub.certs.web import CertificateSite, HttpLimits, certificate_site
+from cloudhub.config import ConnectionLimits, HubConfig, LimitsConfig
 from cloudhub.endpoints import server_endpoint
 from cloudhub.errors import HubNotRunning
 from cloudhub.handler import MessageHandle
+from cloudhub.limits import ConnectionLimiter, DescriptorBudget
 from cloudhub.listening import ListeningService
 from cloudhub.metrics import HubMetrics
 from cloudhub.store import MemorySyncStore, open_store
@@ -117,6 +118,8 @@ class CloudHubService(MultiService):
         self._start_after_stop = False
         self._stop_observers: list[Deferred[None]] = []
 
+        self.descriptors: DescriptorBudget | None = None
+        self.https_limiter: ConnectionLimiter | None = None
         self.tokens: TokenIssuer | None = None
         self.certificate_site: CertificateSite | None = None
         self.https: ListeningService | None = None
@@ -237,14 +240,23 @@ class CloudHubService(MultiService):
         config, hub, reactor = self.config, self.config.cloudhub, self.reactor
 
         self.tokens = self._add(TokenIssuer(authority, hub.token_refresh_duration, reactor))
+        limits = config.hub.limits
+        self.descriptors = DescriptorBudget(reactor)  # shared by the limited listeners
         self.certificate_site = certificate_site(
-            authority, self.tokens, reactor, ready=lambda: self.is_ready
+            authority,
+            self.tokens,
+            reactor,
+            ready=lambda: self.is_ready,
+            http_limits=http_limits(limits, limits.request_timeout or None),
         )
         self.certificate_site.access_log = config.hub.access_log
         if config.hub.metrics.enable:
             # The store's figures follow handle.store, so they stay right across restarts.
             self.metrics = HubMetrics(
-                self.handle, self.certificate_site.counters, authority=authority
+                self.handle,
+                self.certificate_site.counters,
+                authority=authority,
+                limits=self._limit_sources,
             )
         if hub.https.enable:
             endpoint = server_endpoint(
@@ -257,7 +269,11 @@ class CloudHubService(MultiService):
             tls = TLSMemoryBIOFactory(
                 server_tls_options(authority, "request"), False, self.certificate_site
             )
-            self.https = self._add(ListeningService("https", endpoint, tls))
+            # In front of TLS: a connection over a cap costs no handshake.
+            self.https_limiter = connection_limiter(
+                tls, limits.https, reactor, self.descriptors, "https"
+            )
+            self.https = self._add(ListeningService("https", endpoint, self.https_limiter))
         if hub.websocket.enable:
             from cloudhub.transport.websocket import websocket_listener
 
@@ -289,6 +305,15 @@ class CloudHubService(MultiService):
             self.tuning = self._add(
                 InterpreterTuning(config.hub.gc_threshold, config.hub.switch_interval_us / 1e6)
             )
+
+    def _limit_sources(self) -> dict[str, tuple[Any, Any]]:
+        """The limited listeners and their sites, for the metrics (read at each scrape)."""
+        sources: dict[str, tuple[Any, Any]] = {}
+        if self.https is not None:
+            sources["https"] = (self.https_limiter, self.certificate_site)
+        if self.api is not None:
+            sources["api"] = (getattr(self.api, "limiter", None), self.api.site)
+        return sources
 
     def _add(self, part: Any) -> Any:
         self._parts.append(part)
@@ -391,6 +416,7 @@ class CloudHubService(MultiService):
         for part in parts:
             part.disownServiceParent()
         self.tokens = self.certificate_site = self.https = self.metrics = None
+        self.https_limiter = self.descriptors = None
         self.websocket = self.quic = self.api = self.tuning = None
         if self._given_authority is None:
             self.authority = None
@@ -415,6 +441,32 @@ class CloudHubService(MultiService):
             if listener.name == name:
                 return listener.bound_port
         raise KeyError(name)
+
+
+def http_limits(limits: LimitsConfig, request_timeout: float | None) -> HttpLimits:
+    """``hub.limits`` as the HTTP limits of a site (certificate server, API)."""
+    return HttpLimits(
+        head_timeout=limits.header_timeout,
+        request_timeout=request_timeout,
+        request_line=limits.max_request_line,
+        header_bytes=limits.max_header_bytes,
+        max_headers=limits.max_headers,
+    )
+
+
+def connection_limiter(
+    factory: Any, limits: ConnectionLimits, reactor: Any, budget: DescriptorBudget, name: str
+) -> ConnectionLimiter:
+    """``factory`` behind the connection caps and descriptor reserve of ``limits``."""
+    return ConnectionLimiter(
+        factory,
+        reactor,
+        max_connections=limits.max_connections,
+        per_address=limits.max_per_address,
+        reserve=limits.descriptor_reserve,
+        budget=budget,
+        name=name,
+    )
 
 
 def _first_error(failure: Failure) -> Failure:

@@ -544,6 +544,46 @@ class SignTests(SynchronousTestCase):
         cert = self.sign(csr_for(key))  # type: ignore[arg-type]
         self.assertEqual(cert.public_key(), key.public_key())
 
+    def test_strong_keys_signed(self) -> None:
+        """What edgecore sends (ECDSA P-256, the captured CSR) and the other strong keys pass."""
+        self.sign()
+        for key in (
+            ec.generate_private_key(ec.SECP256R1()),
+            ec.generate_private_key(ec.SECP384R1()),
+            rsa.generate_private_key(public_exponent=65537, key_size=3072),
+        ):
+            cert = self.sign(csr_for(key))  # type: ignore[arg-type]
+            self.assertEqual(cert.public_key(), key.public_key())
+
+    def test_weak_keys_refused(self) -> None:
+        """Issue 18 finding 11: RSA under 2048 bits and curves other than P-256/P-384 refused,
+        with a reason naming the key."""
+        for key, named in [
+            (rsa.generate_private_key(public_exponent=65537, key_size=1024), "RSA-1024"),
+            (rsa.generate_private_key(public_exponent=65537, key_size=2040), "RSA-2040"),
+            (ec.generate_private_key(ec.SECP256K1()), "secp256k1"),
+            (ec.generate_private_key(ec.SECP224R1()), "secp224r1"),
+            (ec.generate_private_key(ec.SECP521R1()), "secp521r1"),
+            (ec.generate_private_key(ec.BrainpoolP256R1()), "brainpoolP256r1"),
+        ]:
+            e = self.assertRaises(CertificateError, self.sign, csr_for(key))  # type: ignore[arg-type]
+            self.assertIn(named, str(e))
+            self.assertIn("edge-node-1", str(e))
+            self.assertIn("weak", str(e))
+
+    def test_ed25519_refused(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        key = ed25519.Ed25519PrivateKey.generate()
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node")]))
+            .sign(key, None)
+            .public_bytes(serialization.Encoding.DER)
+        )
+        e = self.assertRaises(CertificateError, self.sign, csr)
+        self.assertIn("Ed25519", str(e))
+
     def test_garbage(self) -> None:
         for garbage in (b"", b"hello", EDGECORE_CSR_DER[:-5], b"\x30\x03\x02\x01\x00"):
             e = self.assertRaises(CertificateError, self.sign, garbage)

@@ -286,6 +286,22 @@ class BadInputTests(CertificateServerTestCase):
         self.assertEqual(self.server.site.counters.bad_requests, 4)
         await self.assertStillServing()
 
+    async def test_weak_keys_refused(self) -> None:
+        """Issue 18 finding 11: RSA-1024 and secp256k1 CSRs get 400 naming the key."""
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        for key, named in [
+            (rsa.generate_private_key(public_exponent=65537, key_size=1024), b"RSA-1024"),
+            (ec.generate_private_key(ec.SECP256K1()), b"secp256k1"),
+        ]:
+            response = await self.edge_crt(csr_for(key), self.bearer())  # type: ignore[arg-type]
+            self.assertEqual(response.code, 400, response.body)
+            self.assertIn(b"weak key", response.body)
+            self.assertIn(named, response.body)
+        self.assertEqual(self.server.site.counters.bad_requests, 2)
+        self.assertEqual(self.server.site.counters.issued, 0)
+        await self.assertStillServing()  # the captured edgecore CSR (ECDSA P-256) still passes
+
     async def test_bad_ext_key_usages(self) -> None:
         for value in (b"[3]", b"x", b'{"a": 1}', b"[true]", b'["2"]'):
             response = await self.edge_crt(authorization=self.bearer(), ExtKeyUsages=value)
@@ -583,6 +599,9 @@ class IdleTimeoutTests(SynchronousTestCase):
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
         transport = StringTransport()
         channel.makeConnection(transport)
+        # Idle after a request (a connection that never asks is cut sooner: test_http_limits).
+        channel.dataReceived(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
         clock.advance(IDLE_TIMEOUT - 1)
         self.assertFalse(transport.disconnecting)
         clock.advance(2)

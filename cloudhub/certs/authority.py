@@ -57,6 +57,27 @@ COMMON_NAME = "KubeEdge"
 # IP SANs of the server certificate when advertiseAddress is empty.
 LOOPBACK_ADDRESSES = ("127.0.0.1", "::1")
 
+# Keys an edge certificate may carry (issue 18): what edgecore generates (ECDSA P-256) and
+# the strong alternatives; RSA under 2048 bits and other curves (secp256k1, P-224, P-521,
+# Brainpool: not what Go's crypto/tls offers for client certificates) are refused.
+MIN_RSA_BITS = 2048
+ALLOWED_CURVES = ("secp256r1", "secp384r1")
+_CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384"}
+
+
+def _weak_key(public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> str | None:
+    """Why ``public_key`` is too weak to certify, naming it; None when it is acceptable."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < MIN_RSA_BITS:
+            return f"RSA-{public_key.key_size} (RSA keys need at least {MIN_RSA_BITS} bits)"
+        return None
+    name = public_key.curve.name
+    if name not in ALLOWED_CURVES:
+        allowed = " or ".join(_CURVE_NAMES[c] for c in ALLOWED_CURVES)
+        return f"ECDSA on curve {name} (only {allowed})"
+    return None
+
+
 # Go's x509.ExtKeyUsage numbers, as sent in the ExtKeyUsages header (§5.2).
 GO_EXT_KEY_USAGES = {
     1: ExtendedKeyUsageOID.SERVER_AUTH,
@@ -822,8 +843,9 @@ class CertificateAuthority:
         Only CN and O of the CSR subject are kept, no SANs, the CSR's public key; the
         certificate lives ``edgeCertSigningDuration`` days from now. ``ext_key_usages`` are
         Go ``x509.ExtKeyUsage`` numbers (1 ServerAuth, 2 ClientAuth); None or empty means
-        ClientAuth. A CSR that does not parse, has a bad signature or asks for another usage
-        raises :class:`CertificateError` with the reason.
+        ClientAuth. A CSR that does not parse, has a bad signature, a weak key (RSA under
+        :data:`MIN_RSA_BITS` bits, a curve not in :data:`ALLOWED_CURVES`, anything but ECDSA
+        or RSA) or asks for another usage raises :class:`CertificateError` with the reason.
         """
         who = f" from node {node_name!r}" if node_name else ""
         usages = self._usages(ext_key_usages, who)
@@ -842,6 +864,9 @@ class CertificateAuthority:
             raise CertificateError(
                 f"the CSR{who} has a {type(public_key).__name__}; ECDSA or RSA keys only"
             )
+        weakness = _weak_key(public_key)
+        if weakness is not None:
+            raise CertificateError(f"the CSR{who} has a weak key: {weakness}")
         subject = csr.subject
         common_names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         organizations = subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)

@@ -10,7 +10,15 @@ Beyond cloudcore, bad input gets a precise answer and never a 500 or a traceback
 does not parse → 400 with the reason; a body over the limit → 413 as soon as the headers say
 so (or a chunked body crosses it), without buffering it; a missing, malformed, forged or
 expired token, or a foreign or expired client certificate → 401; repeated failures from one
-address → 429 until its budget refills. Issuances and failures are logged and counted.
+address → 429 until its budget refills; a CSR with a weak key (RSA under 2048 bits, a curve
+other than P-256/P-384) → 400 naming the key. Issuances and failures are logged and counted.
+
+The HTTP channel (:class:`BoundedChannel`, also the API's through :func:`bound_http`) bounds
+the request head: complete within 10 s of connecting (or of the next request's first byte),
+however slowly it trickles → 408 (a connection that sent nothing is just closed); a request
+line over 8 KiB → 414; headers over 16 KiB or 100 lines → 431; bare-LF line ends → 400; every
+one with ``Connection: close``, and the connection closes. Connection counts and the
+descriptor reserve are :mod:`cloudhub.limits`' (wrapped around the TLS factory).
 
 Serve it with TLS from :func:`cloudhub.certs.tls.server_tls_options` in ``"request"`` mode, so
 that renewing edges can present their certificate and it is judged here.
@@ -27,7 +35,9 @@ from typing import Any
 from cryptography import x509
 from OpenSSL.crypto import X509
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -36,9 +46,13 @@ from cloudhub.certs.authority import CertificateAuthority
 from cloudhub.certs.ratelimit import FailureLimiter
 from cloudhub.certs.token import TokenIssuer
 from cloudhub.errors import CertificateError, TokenError
+from cloudhub.limits import ThrottledLog
 from cloudhub.logs import AccessLog
 
 log = Logger()
+# Refusals and timeouts of the HTTP channel, logged at most once per 10 s (an attack must not
+# turn into a log flood); the counters count every one.
+_refusals = ThrottledLog(log)
 
 MIB = 1024 * 1024
 # §5.2: cloudcore reads at most 1 MiB of CSR; §5.3: 3 MiB of upgrade report.
@@ -58,6 +72,20 @@ TEXT = b"text/plain; charset=utf-8"
 
 IDLE_TIMEOUT = 60.0  # seconds an idle certificate-server connection stays open
 
+# Issue 18: the request head (request line + headers) must be complete HEAD_TIMEOUT seconds
+# after the connection opened (or, on a kept-alive connection, after the next request's first
+# byte), however slowly bytes trickle in; twisted.web only has an idle timeout, which every
+# byte restarts. The certificate server also bounds the whole request, body included.
+HEAD_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 30.0
+# Sizes (bytes, line ends excluded): a longer request line is answered 414, more header bytes
+# or header lines 431 (twisted.web answered neither and cut at 16 KiB per line).
+REQUEST_LINE_LIMIT = 8 * 1024
+HEADER_BYTES_LIMIT = 16 * 1024
+MAX_HEADERS = 100
+# After a refusal or a timeout, a peer that does not read the answer is aborted this late.
+ABORT_GRACE = 15.0
+
 
 @dataclass
 class CertificateCounters:
@@ -71,6 +99,285 @@ class CertificateCounters:
     bad_requests: int = 0  # CSRs or headers answered 400
     too_large: int = 0  # bodies answered 413
     node_upgrades: int = 0  # /nodeupgrade reports accepted
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The limits of :class:`BoundedChannel` (seconds, bytes; a timeout of None: none)."""
+
+    head_timeout: float | None = HEAD_TIMEOUT
+    request_timeout: float | None = REQUEST_TIMEOUT
+    request_line: int = REQUEST_LINE_LIMIT
+    header_bytes: int = HEADER_BYTES_LIMIT
+    max_headers: int = MAX_HEADERS
+
+
+@dataclass
+class HttpCounters:
+    """Requests refused by :class:`BoundedChannel`, for the metrics (a site's ``http_counters``)."""
+
+    head_timeouts: int = 0  # 408 (or a silent close): head not complete in time
+    request_timeouts: int = 0  # 408: head + body not complete within request_timeout
+    uri_too_long: int = 0  # 414: request line over the limit
+    headers_too_large: int = 0  # 431: header bytes or header count over the limit
+    bad_framing: int = 0  # 400: bare LF line ends
+    bad_requests: int = 0  # 400: other malformed heads (twisted.web's own checks)
+
+
+class BoundedChannel(http.HTTPChannel):
+    """twisted.web's HTTP/1.1 channel with a deadline for the request head and exact refusals.
+
+    The limits come from the site's ``http_limits`` (:class:`HttpLimits`), the counters go to
+    its ``http_counters`` (:class:`HttpCounters`); :func:`bound_http` sets both. Refusals are
+    written on the transport (the request is not complete, so no ``Request`` answers them)
+    with ``Connection: close``; the connection then closes, and is aborted :data:`ABORT_GRACE`
+    seconds later if the peer does not read. At most one timer per connection besides
+    twisted.web's idle timeout.
+    """
+
+    site: Any = None
+    _limits = HttpLimits()
+    _json_errors = False
+    _deadline: Any = None  # the IDelayedCall of the current deadline
+    _deadline_kind = ""  # "head" or "request"
+    _started = 0.0  # when the current request's first byte (or the connection) came
+    _head_lines = 0  # lines of the current head received (0: the request line is next)
+    _header_bytes = 0
+    _header_count = 0
+    _in_request = False  # a request has begun (connection made or first byte) and is unread
+    _got_bytes = False  # any byte of the current request received
+    _refused = False
+
+    def connectionMade(self) -> None:
+        limits = getattr(self.site, "http_limits", None)
+        if isinstance(limits, HttpLimits):
+            self._limits = limits
+        self._json_errors = bool(getattr(self.site, "http_json_errors", False))
+        # twisted.web's own size checks answer a bare 400; ours come first (see lineReceived).
+        self.totalHeadersSize = self._limits.request_line + self._limits.header_bytes + 1
+        self.maxHeaders = self._limits.max_headers + 1
+        self.MAX_LENGTH = self._limits.request_line
+        super().connectionMade()
+        self._begin()
+
+    # -- the deadline ----------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        """A request begins: the head must be complete within head_timeout from now."""
+        self._in_request = True
+        self._started = self._now()
+        self._head_lines = self._header_bytes = self._header_count = 0
+        self.MAX_LENGTH = self._limits.request_line
+        self._arm("head", self._limits.head_timeout)
+
+    def _now(self) -> float:
+        clock = getattr(self.site, "reactor", None)
+        return float(clock.seconds()) if clock is not None else 0.0
+
+    def _arm(self, kind: str, seconds: float | None) -> None:
+        self._cancel_deadline()
+        if seconds is None:
+            return
+        self._deadline_kind = kind
+        self._deadline = self.callLater(max(0.0, seconds), self._expired)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        counters = self._counters()
+        if self._deadline_kind == "head":
+            if counters is not None:
+                counters.head_timeouts += 1
+            limit, what = self._limits.head_timeout, "request head"
+        else:
+            if counters is not None:
+                counters.request_timeouts += 1
+            limit, what = self._limits.request_timeout, "request"
+        _refusals.emit(
+            "closed a connection from {peer}: {what} not received within {limit} s",
+            peer=self._peer(),
+            what=what,
+            limit=limit,
+        )
+        answered = bool(self.requests) and getattr(self.requests[-1], "_rejected", False)
+        if self._got_bytes and not answered:
+            self._refuse(408, f"{what} not received within {limit:g} s")
+        else:
+            # Nothing asked (or a TLS handshake that never finished): nothing to answer.
+            self._close()
+
+    # -- parsing ---------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self.line_mode and not self._handlingRequest:
+            if not self._in_request:
+                self._begin()  # the first byte of a request on a kept-alive connection
+            self._got_bytes = True
+        super().dataReceived(data)
+        # A line not yet ended: CRLF ends lines, so an LF in what waits is a bare LF.
+        if self.line_mode and not self._refused and b"\n" in self._buffer:
+            self._bare_lf()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if b"\n" in line:
+            self._bare_lf()
+            return
+        limits = self._limits
+        if self._head_lines == 0:
+            if not line:
+                # twisted.web eats one empty line before a request (after a POST body).
+                super().lineReceived(line)
+                return
+            if not self._in_request:
+                self._begin()  # pipelined after a request answered at once
+            self._got_bytes = True
+            self._head_lines = 1
+            self._header_bytes = self._header_count = 0
+            self.MAX_LENGTH = limits.header_bytes
+        elif not line:
+            # End of the head: the body (if any) has the rest of request_timeout.
+            self._head_lines = 0
+            if limits.request_timeout is not None:
+                remaining = self._started + limits.request_timeout - self._now()
+                self._arm("request", remaining)
+            else:
+                self._cancel_deadline()
+        else:
+            self._head_lines += 1
+            self._header_bytes += len(line)
+            if line[:1] not in (b" ", b"\t"):
+                self._header_count += 1
+            if self._header_bytes > limits.header_bytes:
+                self._too_large_headers()
+                return
+            if self._header_count > limits.max_headers:
+                self._refuse(431, f"more than {limits.max_headers} header lines", "headers")
+                return
+            self.MAX_LENGTH = limits.header_bytes - self._header_bytes
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._refused:
+            return
+        end = line.find(b"\n")
+        if 0 <= end <= self.MAX_LENGTH + 1:
+            self._bare_lf()
+        elif self._head_lines == 0:
+            self._refuse(
+                414,
+                f"request line longer than {self._limits.request_line} bytes",
+                "uri",
+            )
+        else:
+            self._too_large_headers()
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        self._in_request = self._got_bytes = False
+        super().allContentReceived()
+
+    def _too_large_headers(self) -> None:
+        self._refuse(431, f"headers larger than {self._limits.header_bytes} bytes", "headers")
+
+    def _bare_lf(self) -> None:
+        self._refuse(400, "bare LF line ending: HTTP/1.1 lines end in CRLF", "framing")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """twisted.web's own refusals (bad request line, header syntax, framing headers)."""
+        self._refuse(400, "bad request: malformed request line or header")
+
+    # -- refusing --------------------------------------------------------------------------
+
+    def _counters(self) -> HttpCounters | None:
+        counters = getattr(self.site, "http_counters", None)
+        return counters if isinstance(counters, HttpCounters) else None
+
+    def _peer(self) -> str:
+        transport = self.transport
+        peer = transport.getPeer() if transport is not None else None
+        return str(getattr(peer, "host", peer))
+
+    def _refuse(self, code: int, reason: str, kind: str = "") -> None:
+        """Answer ``code`` with ``reason`` on the transport, then close."""
+        if self._refused:
+            return
+        counters = self._counters()
+        if counters is not None:
+            if kind == "uri":
+                counters.uri_too_long += 1
+            elif kind == "headers":
+                counters.headers_too_large += 1
+            elif kind == "framing":
+                counters.bad_framing += 1
+            elif code == http.BAD_REQUEST:
+                counters.bad_requests += 1
+        if code != http.REQUEST_TIMEOUT:
+            _refusals.emit(
+                "refused a request from {peer}: {code} {reason}",
+                peer=self._peer(),
+                code=code,
+                reason=reason,
+            )
+        if self._json_errors:
+            content_type = b"application/json"
+            body = json.dumps({"error": reason}).encode("utf-8")
+        else:
+            content_type, body = TEXT, reason.encode("utf-8")
+        head = [
+            b"HTTP/1.1 %d %s" % (code, http.RESPONSES.get(code, b"Error")),
+            b"Content-Type: " + content_type,
+            b"Content-Length: %d" % (len(body),),
+            b"Connection: close",
+        ]
+        transport = self.transport
+        if transport is not None:
+            transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self._close()
+
+    def _close(self) -> None:
+        """Close now; abort if the peer has not taken the answer after ABORT_GRACE."""
+        self._refused = True
+        self.persistent = False
+        self.setTimeout(None)
+        self._cancel_deadline()
+        self.clearLineBuffer()
+        self.setRawMode()
+        self._handlingRequest = True  # what still arrives is buffered and dropped
+        self._dataBuffer = []
+        if self.transport is None:
+            return
+        self.loseConnection()
+        if self._abortingCall is None:
+            self._abortingCall = self.callLater(ABORT_GRACE, self.forceAbortClient)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().rawDataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+
+def bound_http(site: Site, limits: HttpLimits | None = None, *, json_errors: bool = False) -> Site:
+    """Serve ``site`` with :class:`BoundedChannel` and ``limits``; errors as JSON
+    (``{"error": ...}``) when ``json_errors``. Adds ``site.http_counters``; returns ``site``."""
+    site.protocol = BoundedChannel  # type: ignore[assignment]
+    site.http_limits = limits if limits is not None else HttpLimits()  # type: ignore[attr-defined]
+    site.http_json_errors = json_errors  # type: ignore[attr-defined]
+    if not isinstance(getattr(site, "http_counters", None), HttpCounters):
+        site.http_counters = HttpCounters()  # type: ignore[attr-defined]
+    return site
 
 
 class BoundedRequest(Request):
@@ -435,9 +742,12 @@ class Readiness(_Endpoint):
 
 
 class CertificateSite(AccessLog, Site):
-    """The certificate server's ``Site``; :attr:`counters` and :attr:`limiter` are public."""
+    """The certificate server's ``Site``; :attr:`counters`, :attr:`http_counters` and
+    :attr:`limiter` are public."""
 
     counters: CertificateCounters
+    http_counters: HttpCounters
+    http_limits: HttpLimits
     limiter: FailureLimiter
 
 
@@ -450,12 +760,17 @@ def certificate_site(
     counters: CertificateCounters | None = None,
     limiter: FailureLimiter | None = None,
     on_node_upgrade: Callable[[dict[str, Any]], object] | None = None,
+    http_limits: HttpLimits | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> CertificateSite:
     """The certificate server as a ``Site`` to listen with (TLS ``"request"`` mode).
 
     ``reactor`` provides time for the failure limiter and the site's timeouts; ``ready``
     answers ``/readyz``; ``on_node_upgrade`` receives each ``/nodeupgrade`` report (a
-    dict). Counters and limiter are created when not given.
+    dict); ``http_limits`` bound the request head's time and size (default
+    :class:`HttpLimits`: 10 s for the head, 30 s for the whole request, 8 KiB request line,
+    16 KiB of headers); ``idle_timeout`` closes idle connections. Counters and limiter are
+    created when not given.
     """
     counters = counters if counters is not None else CertificateCounters()
     limiter = limiter if limiter is not None else FailureLimiter(reactor)
@@ -469,8 +784,9 @@ def certificate_site(
     # Idle connections close after a minute (twisted.web's default is 12 hours): edgecore
     # dials again when it needs the server, and a pile of idle sockets is a cheap attack.
     site = CertificateSite(
-        root, requestFactory=BoundedRequest, reactor=reactor, timeout=IDLE_TIMEOUT
+        root, requestFactory=BoundedRequest, reactor=reactor, timeout=idle_timeout
     )
+    bound_http(site, http_limits)
     site.displayTracebacks = False
     site.counters = counters
     site.limiter = limiter
