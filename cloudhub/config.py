@@ -181,6 +181,13 @@ class LimitsConfig:
     max_request_line: int = _key("maxRequestLine", 8192, _at_least(256))  # bytes; over: 414
     max_header_bytes: int = _key("maxHeaderBytes", 16384, _at_least(1024))  # bytes; over: 431
     max_headers: int = _key("maxHeaders", 100, _at_least(8))  # header lines; over: 431
+    # WebSocket upgrade: request line + headers, bytes (over: 431, 414 for the line alone), and
+    # seconds from accept to the 101, TLS included (over: dropped). edgecore waits 30 s.
+    websocket_request_size: int = _key("websocketRequestSize", 16384, _at_least(1024))
+    handshake_timeout: int = _key("handshakeTimeout", 30, _at_least(1))
+    # Bytes waiting for a peer that does not read (WebSocket, QUIC): over it, dropped at once;
+    # data left unsent for cloudHub.writeTimeout seconds drops it too.
+    max_output_buffer: int = _key("maxOutputBuffer", 16 * MIB, _at_least(65536))
     https: ConnectionLimits = _key("https", ConnectionLimits())
     api: ConnectionLimits = _key(
         "api", ConnectionLimits(max_per_address=0, descriptor_reserve=64)

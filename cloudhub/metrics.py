@@ -394,6 +394,17 @@ _CONNECTION_REFUSALS = (
     ("descriptors", "refused_descriptors"),
 )
 
+# The edge transports' refusals and drops: (stats attribute, reason label).
+_TRANSPORT_REFUSALS = (
+    ("requests_too_large", "request_too_large"),
+    ("handshake_timeouts", "handshake_timeout"),
+    ("node_ids_refused", "bad_node_id"),
+    ("headers_refused", "bad_header"),
+    ("protocol_errors", "protocol_error"),
+    ("write_timeouts", "write_timeout"),
+    ("output_overflows", "output_overflow"),
+)
+
 # {listener name: (its ConnectionLimiter or None, its Site or None)}, read at each scrape.
 LimitSources = Callable[[], Mapping[str, tuple[Any, Any]]]
 
@@ -422,6 +433,13 @@ class LimitsCollector(Collector):
             "(address), or the file descriptor reserve (descriptors)",
             labels=["listener", "reason"],
         )
+        transport_refused = CounterMetricFamily(
+            "cloudhub_edge_connections_dropped",
+            "Edge connections refused or dropped by a transport's limits: upgrade request too "
+            "large, handshake not done in time, node id not a node name, bad header, protocol "
+            "error, peer not reading (write timeout, output buffer over the cap)",
+            labels=["transport", "reason"],
+        )
         http_refused = CounterMetricFamily(
             "cloudhub_http_refused",
             "HTTP requests refused by the limits: head or request not complete in time (408), "
@@ -438,6 +456,11 @@ class LimitsCollector(Collector):
                 if counters is not None:
                     for reason, attribute in _HTTP_REFUSALS:
                         http_refused.add_metric([name, reason], getattr(counters, attribute))
+                stats = getattr(site, "transport_stats", None)  # an edge transport's
+                for attribute, reason in _TRANSPORT_REFUSALS if stats is not None else ():
+                    if hasattr(stats, attribute):
+                        transport_refused.add_metric([name, reason], getattr(stats, attribute))
+        yield transport_refused
         yield open_now
         yield refused
         yield http_refused

@@ -313,6 +313,13 @@ class CloudHubService(MultiService):
             sources["https"] = (self.https_limiter, self.certificate_site)
         if self.api is not None:
             sources["api"] = (getattr(self.api, "limiter", None), self.api.site)
+        if self.websocket is not None:
+            hub_factory = getattr(self.websocket.factory, "wrappedFactory", None)  # inside TLS
+            stats = getattr(hub_factory, "stats", None)
+            sources["websocket"] = (None, _TransportStats(stats))
+        if self.quic is not None:
+            protocol: Any = getattr(self.quic, "protocol", None)
+            sources["quic"] = (None, _TransportStats(getattr(protocol, "stats", None)))
         return sources
 
     def _add(self, part: Any) -> Any:
@@ -441,6 +448,13 @@ class CloudHubService(MultiService):
             if listener.name == name:
                 return listener.bound_port
         raise KeyError(name)
+
+
+class _TransportStats:
+    """An edge transport's counters, as the metrics' limit sources carry them."""
+
+    def __init__(self, stats: Any) -> None:
+        self.transport_stats = stats
 
 
 def http_limits(limits: LimitsConfig, request_timeout: float | None) -> HttpLimits:

@@ -394,3 +394,39 @@ class StoreMetricsTests(SynchronousTestCase):
         other = HubMetrics(MessageHandle(Clock(), store=MemorySyncStore()), store=self.store)
         self.addCleanup(other.close)
         self.assertEqual(self.figures(other), (0, 1, 1))
+
+
+class LimitsCollectorTests(SynchronousTestCase):
+    """Refusals of the limits (issue 18), by listener and reason, read at each scrape."""
+
+    def test_limits_and_transport_drops(self) -> None:
+        from types import SimpleNamespace
+
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from cloudhub.certs.web import HttpCounters
+        from cloudhub.limits import ConnectionCounters
+        from cloudhub.metrics import LimitsCollector
+        from cloudhub.transport.websocket import WebSocketStats
+
+        limiter = SimpleNamespace(open=3, counters=ConnectionCounters(refused_address=2))
+        site = SimpleNamespace(http_counters=HttpCounters(head_timeouts=5, uri_too_long=1))
+        stats = WebSocketStats()
+        sources = {
+            "https": (limiter, site),
+            "websocket": (None, SimpleNamespace(transport_stats=stats)),
+        }
+        registry = CollectorRegistry()
+        registry.register(LimitsCollector(lambda: sources))
+        stats.node_ids_refused = 4
+        stats.output_overflows = 1
+        text = generate_latest(registry).decode()
+        for line in (
+            'cloudhub_connections_open{listener="https"} 3.0',
+            'cloudhub_connections_refused_total{listener="https",reason="address"} 2.0',
+            'cloudhub_http_refused_total{listener="https",reason="head_timeout"} 5.0',
+            'cloudhub_http_refused_total{listener="https",reason="uri_too_long"} 1.0',
+            'cloudhub_edge_connections_dropped_total{reason="bad_node_id",transport="websocket"} 4.0',
+            'cloudhub_edge_connections_dropped_total{reason="output_overflow",transport="websocket"} 1.0',
+        ):
+            self.assertIn(line, text)

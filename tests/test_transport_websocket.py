@@ -219,10 +219,12 @@ class CountingTransport(StringTransport):
 class Unit:
     """One hub factory on a Clock, with connections on fake transports."""
 
-    def __init__(self, handler: RecordingHandler, max_message_size: int = 8 * 1024 * 1024):
+    def __init__(
+        self, handler: RecordingHandler, max_message_size: int = 8 * 1024 * 1024, **options: Any
+    ):
         self.clock = Clock()
         self.handler = handler
-        self.factory = WebSocketHubFactory(handler, max_message_size, self.clock)
+        self.factory = WebSocketHubFactory(handler, max_message_size, self.clock, **options)
 
     def connect(self, request: bytes = EDGECORE_REQUEST, port: int = 40000) -> tuple[Any, Any]:
         address = IPv4Address("TCP", "10.0.0.5", port)
@@ -317,14 +319,14 @@ class HandshakeUnitTests(SynchronousTestCase):
         self.assertNotIn(b"sec-websocket-extensions", head)
 
     def test_options(self) -> None:
-        """No auto ping, no fragmentation, no compression, edgecore's 30 s handshake timeout,
+        """No auto ping, no fragmentation, no compression, a 10 s handshake deadline,
         the size limit on frames and messages, timers on the injected reactor."""
         unit = Unit(RecordingHandler(), max_message_size=4096)
         factory = unit.factory
         self.assertEqual((factory.autoPingInterval, factory.autoPingTimeout), (0, 0))
         self.assertEqual(factory.autoFragmentSize, 0)
         self.assertIsNone(factory.perMessageCompressionAccept([object()]))
-        self.assertEqual(factory.openHandshakeTimeout, 30)
+        self.assertEqual(factory.openHandshakeTimeout, 10)
         self.assertTrue(factory.failByDrop)
         self.assertEqual((factory.maxMessagePayloadSize, factory.maxFramePayloadSize), (4096, 4096))
         self.assertIsNone(factory.server)
@@ -349,17 +351,97 @@ class HandshakeUnitTests(SynchronousTestCase):
         self.assertIsNone(protocol.perMessageCompressionAccept([object()]))
 
     def test_open_handshake_timeout(self) -> None:
-        """A connection that never finishes the upgrade is dropped after 30 s (on the
-        injected reactor), without a word to the handler."""
+        """A connection that never finishes the upgrade is dropped after 10 s (on the
+        injected reactor), without a word to the handler, and counted."""
         handler = RecordingHandler()
         unit = Unit(handler)
         protocol, transport = unit.connect(b"GET / HTTP/1.1\r\n")
-        unit.clock.advance(29)
+        unit.clock.advance(9)
         self.assertFalse(transport.disconnecting)
         unit.clock.advance(1)
         self.assertTrue(transport.disconnecting)
         Unit.lose(protocol)
         self.assertEqual(handler.events, [])
+        self.assertEqual(unit.factory.stats.handshake_timeouts, 1)
+
+    def test_handshake_timeout_is_a_parameter(self) -> None:
+        """A slow-header client (one byte now and then) is dropped at the deadline whatever
+        it sends meanwhile."""
+        unit = Unit(RecordingHandler(), handshake_timeout=3)
+        protocol, transport = unit.connect(b"G")
+        for byte in b"ET / HTTP/1.1\r\nHost: x\r\n":
+            unit.clock.advance(0.1)
+            protocol.dataReceived(bytes([byte]))
+        self.assertFalse(transport.disconnecting)
+        unit.clock.advance(3 - unit.clock.seconds())
+        self.assertTrue(transport.disconnecting)
+
+    def test_request_headers_too_large(self) -> None:
+        """An upgrade request over 16 KiB is answered 431 and dropped as soon as the 16 KiB
+        are in, without a word to the handler and without keeping the bytes (finding 7)."""
+        handler = RecordingHandler()
+        unit = Unit(handler)
+        head = upgrade_request("edge-1")[:-2]
+        protocol, transport = unit.connect(head)
+        filler = b"X-Filler: " + b"f" * 1000 + b"\r\n"
+        while len(protocol.data) + len(filler) <= 16 * 1024:
+            protocol.dataReceived(filler)
+            self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(filler)
+        status = transport.value().split(b"\r\n", 1)[0]
+        self.assertEqual(status, b"HTTP/1.1 431 Request Header Fields Too Large (over 16384 bytes)")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(protocol.data, b"")
+        protocol.dataReceived(filler * 100)  # still arriving: not kept
+        self.assertEqual(protocol.data, b"")
+        Unit.lose(protocol)
+        self.assertEqual(handler.events, [])
+        self.assertEqual(unit.factory.stats.requests_too_large, 1)
+
+    def test_request_in_one_piece_too_large(self) -> None:
+        handler = RecordingHandler()
+        unit = Unit(handler)
+        _, transport = unit.connect(upgrade_request("edge-1", b"X-Big: " + b"b" * 20000 + b"\r\n"))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value()[:80])
+        self.assertEqual(handler.events, [])
+
+    def test_request_line_too_long(self) -> None:
+        handler = RecordingHandler()
+        unit = Unit(handler)
+        _, transport = unit.connect(b"GET /" + b"p" * 17000)
+        self.assertEqual(
+            transport.value().split(b"\r\n", 1)[0],
+            b"HTTP/1.1 414 URI Too Long (request line over 16384 bytes)",
+        )
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(unit.factory.stats.requests_too_large, 1)
+
+    def test_request_size_limit_is_exact_and_a_parameter(self) -> None:
+        """A head of exactly ``max_request_size`` bytes is accepted, one more is not; frames
+        after the head in the same read do not count."""
+        for extra, accepted in ((0, True), (1, False)):
+            handler = RecordingHandler()
+            base = upgrade_request("edge-1", b"X-Pad: \r\n")
+            request = base.replace(b"X-Pad: ", b"X-Pad: " + b"p" * (1024 - len(base) + extra))
+            self.assertEqual(len(request), 1024 + extra)
+            unit = Unit(handler, max_request_size=1024)
+            _, transport = unit.connect(request + client_frame(b"x" * 2000))
+            status = transport.value().split(b"\r\n", 1)[0]
+            if accepted:
+                self.assertEqual(status, b"HTTP/1.1 101 Switching Protocols")
+                self.assertEqual([e[0] for e in handler.events], ["made"])
+            else:
+                self.assertEqual(status[:13], b"HTTP/1.1 431 ")
+                self.assertEqual(handler.events, [])
+
+    def test_request_byte_by_byte(self) -> None:
+        """edgecore's request one byte per read: accepted (Autobahn parses it once)."""
+        handler = RecordingHandler()
+        protocol, transport = Unit(handler).connect(b"")
+        for i in range(len(EDGECORE_REQUEST)):
+            protocol.dataReceived(EDGECORE_REQUEST[i : i + 1])
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
+        self.assertEqual(handler.connection("edge-node-1").project_id, PROJECT_ID)
 
     def test_refused(self) -> None:
         """NodeRefused: close 1013 with the reason; no messages, and no connection_lost."""
@@ -481,23 +563,61 @@ class ReceiveUnitTests(SynchronousTestCase):
         self.assertEqual(self.received(), [])
 
     def test_exactly_the_limit(self) -> None:
-        payload = keepalive_payload("x" * (1024 - len(keepalive_payload(""))))
+        # Padded in the content: msg_id is bounded by the decoder.
+        def padded(size: int) -> bytes:
+            return encode(new_keepalive().copy(msg_id="k", content="x" * size))
+
+        payload = padded(1024 - len(padded(0)))
         self.assertEqual(len(payload), 1024)
         self.protocol.dataReceived(client_frame(payload))
         self.assertEqual(len(self.received()), 1)
 
     def test_garbage(self) -> None:
-        """Bytes that are not WebSocket framing drop the TCP connection."""
+        """Bytes that are not WebSocket framing: close 1002 (protocol error) with the reason,
+        nothing more is read; TCP goes when the edge closes, or after the close handshake
+        timeout (issue 18, finding 11)."""
         self.protocol.dataReceived(b"\x8f\x80garbage garbage")
+        self.assertClosedWith(1002, "^control frame using reserved opcode 15$")
+        self.assertFalse(self.connection.is_open)
+        self.assertEqual(self.unit.factory.stats.protocol_errors, 1)
+        # Whatever follows is not parsed: not even a close frame (the framing is lost).
+        self.protocol.dataReceived(client_frame(keepalive_payload("after")))
+        self.protocol.dataReceived(client_frame(struct.pack("!H", 1000), opcode=8))
+        self.assertEqual(self.protocol.data, b"")
+        self.assertFalse(self.transport.disconnecting)
+        self.unit.clock.advance(2)  # CLOSE_HANDSHAKE_TIMEOUT
         self.assertTrue(self.transport.disconnecting)
         Unit.lose(self.protocol)
+        self.assertEqual(self.received(), [])
         [lost] = self.handler.of("lost")
-        self.assertIn("dropped", lost[2])
+        self.assertEqual(
+            lost[2], "closed by the hub (1002: control frame using reserved opcode 15)"
+        )
 
     def test_unmasked_client_frame(self) -> None:
         self.protocol.dataReceived(text_frame(keepalive_payload()))
-        self.assertTrue(self.transport.disconnecting)
+        self.assertClosedWith(1002, "^unmasked client-to-server frame$")
         self.assertEqual(self.received(), [])
+
+    def test_protocol_errors_after_queued_frames(self) -> None:
+        """Frames queued before the violation are written before the close frame; a second
+        violation changes nothing."""
+        self.connection.send_message(new_keepalive().copy(msg_id="queued"))
+        self.protocol.dataReceived(client_frame(b"x", opcode=0))  # continuation, no message
+        frames, _ = parse_frames(self.transport.value())
+        self.assertEqual([f[0] for f in frames], [1, 8])
+        self.assertEqual(decode(frames[0][2]).msg_id, "queued")
+        self.assertEqual(
+            close_of(frames[1][2]),
+            (1002, "received continuation data frame outside fragmented message"),
+        )
+        self.protocol.dataReceived(b"\x8f\x80")
+        self.assertEqual(len(parse_frames(self.transport.value())[0]), 2)
+        self.assertEqual(self.unit.factory.stats.protocol_errors, 1)
+
+    def test_bad_close_code(self) -> None:
+        self.protocol.dataReceived(client_frame(struct.pack("!H", 1005), opcode=8))
+        self.assertClosedWith(1002, "^invalid close code 1005$")
 
     def test_edge_closes(self) -> None:
         self.protocol.dataReceived(client_frame(struct.pack("!H", 1000) + b"bye", opcode=8))

@@ -24,9 +24,14 @@ Handshake and identity:
   the JSON of a Go ``http.Header`` map (``{"Node_id":["edge1"],"Project_id":["..."]}``; keys
   in any case, values lists of strings or strings). The hub answers on the same stream with
   ``operation: "response"``, content ``"ack"``; for content that is not such a map it answers
-  ``"nack"`` and closes (1007); a header without ``node_id`` closes with 1008. Afterwards every
+  ``"nack"`` and closes (1007); a header without ``node_id``, or whose (first) ``node_id`` is
+  not a Kubernetes node name (:mod:`cloudhub.nodeid`), closes with 1008. Afterwards every
   non-response message on the control stream is answered with ``"ack"`` and not passed on.
 * The whole setup (QUIC handshake + header) must finish within :data:`SETUP_TIMEOUT` seconds.
+* A peer that leaves what the hub sends unread (flow control keeps it queued in aioquic) is
+  closed with 1008 when more than ``max_output_buffer`` bytes are queued for it, or more than
+  :data:`BACKLOG_MARK` for ``write_timeout`` seconds (checked at each transmit, so at the
+  latest with its next packet or aioquic's next timer).
 
 Message streams (§3): any other stream the client opens starts with the 3-byte ASCII prefix
 ``msg`` (``str``/``shr`` or anything else: 1007), then back-to-back packer frames (protobuf
@@ -93,6 +98,7 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 from aioquic.quic.retry import QuicRetryTokenHandler
+from aioquic.quic.stream import QuicStreamSender
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import MessageLengthError
@@ -115,11 +121,17 @@ from cloudhub.interfaces import (
 )
 from cloudhub.listening import ListeningService
 from cloudhub.model import OP_HEADER, OP_RESPONSE, Message, new_response
-from cloudhub.transport.websocket import close_reason_bytes
+from cloudhub.nodeid import validate_node_id
+from cloudhub.transport.websocket import (
+    DEFAULT_MAX_OUTPUT_BUFFER,
+    DEFAULT_WRITE_TIMEOUT,
+    close_reason_bytes,
+)
 from cloudhub.wire import PackerDecoder, encode_frame, message_from_protobuf, protobuf_backend
 
 __all__ = [
     "ALPN",
+    "BACKLOG_MARK",
     "CLOSE_INTERNAL_ERROR",
     "MAX_PENDING_HANDSHAKES",
     "SETUP_TIMEOUT",
@@ -156,6 +168,9 @@ DEFAULT_MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 # UDP payloads up to 64 KiB are read whole (a truncated datagram would just fail to decrypt).
 MAX_DATAGRAM_READ = 65535
 SOCKET_BUFFER_SIZE = 4 * 1024 * 1024
+# Bytes queued for a peer (sent and unacknowledged, or not yet sent) above which the write
+# timeout runs, as Twisted's TCP transport pauses its producer above 64 KiB.
+BACKLOG_MARK = 64 * 1024
 # One warning per this many seconds about gQUIC (stock edgecore) and about a full setup table.
 WARN_INTERVAL = 60.0
 
@@ -198,8 +213,14 @@ def check_aioquic() -> None:
     ]
     if not callable(getattr(QuicConnection, "_initialize", None)):
         missing.append("QuicConnection._initialize")
+    sender = QuicStreamSender(0, True)
+    for name in ("_buffer_start", "_buffer_stop"):
+        if not isinstance(getattr(sender, name, None), int):
+            missing.append(f"QuicStreamSender.{name}")
     configuration = QuicConfiguration(is_client=True)
     probe = QuicConnection(configuration=configuration)
+    if not isinstance(getattr(probe, "_streams", None), dict):
+        missing.append("QuicConnection._streams")
     for name in ("_local_max_streams_bidi", "_local_max_streams_uni"):
         limit = getattr(probe, name, None)
         if limit is None or not hasattr(limit, "value") or not hasattr(limit, "sent"):
@@ -207,7 +228,8 @@ def check_aioquic() -> None:
     if missing:
         raise CloudHubError(
             "this aioquic version lacks what the QUIC transport relies on to require client "
-            f"certificates and limit streams ({', '.join(missing)}); install aioquic>=1.7,<1.8"
+            f"certificates and limit streams and buffers ({', '.join(missing)}); "
+            "install aioquic>=1.7,<1.8"
         )
 
 
@@ -433,6 +455,7 @@ class QuicHubConnection:
         "pending",
         "dirty",
         "closed_by_hub",
+        "backlog_since",
         "_hub",
     )
 
@@ -456,6 +479,8 @@ class QuicHubConnection:
         self.pending: list[bytes] = []
         self.dirty = False
         self.closed_by_hub: tuple[int, str] | None = None
+        # When the bytes queued for the peer last went over BACKLOG_MARK (None: under it).
+        self.backlog_since: float | None = None
         self._hub = hub
 
     @property
@@ -514,6 +539,8 @@ class QuicStats:
     setup_timeouts: int = 0
     setups_dropped: int = 0  # new connections dropped: max_pending_handshakes reached
     stream_errors: int = 0
+    output_overflows: int = 0  # more than max_output_buffer queued for a peer: closed
+    write_timeouts: int = 0  # over BACKLOG_MARK queued for write_timeout seconds: closed
 
 
 class QuicHubProtocol(DatagramProtocol):
@@ -537,6 +564,8 @@ class QuicHubProtocol(DatagramProtocol):
         max_incoming_streams: int = 10000,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         setup_timeout: float = SETUP_TIMEOUT,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+        max_output_buffer: int = DEFAULT_MAX_OUTPUT_BUFFER,
         retry: bool = False,
     ) -> None:
         self.handler = handler
@@ -547,6 +576,8 @@ class QuicHubProtocol(DatagramProtocol):
         self.max_incoming_streams = max_incoming_streams
         self.max_pending_handshakes = max_pending_handshakes
         self.setup_timeout = setup_timeout
+        self.write_timeout = write_timeout
+        self.max_output_buffer = max_output_buffer
         self._retry = QuicRetryTokenHandler() if retry else None
         self._cid_length = self.configuration.connection_id_length
         # Every connection ID of every live connection -> its connection.
@@ -876,6 +907,17 @@ class QuicHubProtocol(DatagramProtocol):
             log.info("QUIC connection from {peer} refused: no node_id header", peer=connection.peer)
             self.close_connection(connection, CLOSE_POLICY, "missing node_id header")
             return
+        problem = validate_node_id(node_id)
+        if problem is not None:
+            self.stats.headers_refused += 1
+            log.info(
+                "QUIC connection from {peer} refused: invalid node_id {node!r:.80}: {problem}",
+                peer=connection.peer,
+                node=node_id,
+                problem=problem,
+            )
+            self.close_connection(connection, CLOSE_POLICY, f"invalid node_id header: {problem}")
+            return
         connection.node_id = node_id
         connection.project_id = headers.get("project_id", "")
         self._write_control(connection, new_response(message, "ack"))
@@ -1010,7 +1052,46 @@ class QuicHubProtocol(DatagramProtocol):
             if connection.state == _GONE:
                 continue
             self._push_pending(connection)
+            if connection.state == _OPEN and not self._backlog_ok(connection, now):
+                continue
             self._transmit(connection, now)
+
+    def _backlog_ok(self, connection: QuicHubConnection, now: float) -> bool:
+        """False (and the connection closing) if the peer leaves too much unread: more than
+        ``max_output_buffer`` bytes queued in aioquic on the hub's streams (control and
+        message stream), or more than :data:`BACKLOG_MARK` for ``write_timeout`` seconds.
+        Checked at each transmit (each datagram from the peer, each aioquic timer): no timer
+        of its own."""
+        streams = connection.quic._streams
+        queued = 0
+        for stream_id in (0, connection.out_stream):
+            stream = streams.get(stream_id) if stream_id is not None else None
+            if stream is not None:
+                sender = stream.sender
+                queued += sender._buffer_stop - sender._buffer_start
+        if queued <= BACKLOG_MARK:
+            connection.backlog_since = None
+            return True
+        if queued > self.max_output_buffer:
+            self.stats.output_overflows += 1
+            why = f"more than {self.max_output_buffer} bytes not taken by the peer"
+        else:
+            since = connection.backlog_since
+            if since is None:
+                connection.backlog_since = now
+                return True
+            if now - since < self.write_timeout:
+                return True
+            self.stats.write_timeouts += 1
+            why = f"data not taken by the peer for {self.write_timeout:g} s (writeTimeout)"
+        log.info(
+            "node {node} ({peer}): closing, {why}",
+            node=connection.node_id,
+            peer=connection.peer,
+            why=why,
+        )
+        self.close_connection(connection, CLOSE_POLICY, why)
+        return False
 
     def _transmit(self, connection: QuicHubConnection, now: float | None = None) -> None:
         try:
@@ -1178,8 +1259,10 @@ def quic_listener(
     Client certificates are required and verified against the hub's CA; messages are limited
     to ``hub.maxMessageSize``; a client may have ``quic.maxIncomingStreams`` streams open; the
     QUIC idle timeout is twice ``keepaliveInterval`` (at least 60 s), so the core's keepalive
-    watchdog, not QUIC, decides when a silent node is gone. ``retry`` turns on address
-    validation with Retry packets (one more round trip per connection).
+    watchdog, not QUIC, decides when a silent node is gone; a peer that leaves more than
+    :data:`BACKLOG_MARK` bytes unread for ``cloudHub.writeTimeout`` seconds is closed (1008).
+    ``retry`` turns on address validation with Retry packets (one more round trip per
+    connection).
     """
     check_aioquic()
     check_protobuf()
@@ -1192,6 +1275,8 @@ def quic_listener(
         configuration=server_configuration(authority, idle_timeout),
         max_message_size=config.hub.max_message_size,
         max_incoming_streams=settings.max_incoming_streams,
+        write_timeout=float(config.cloudhub.write_timeout),
+        max_output_buffer=config.hub.limits.max_output_buffer,
         retry=retry,
     )
     return QuicListeningService(

@@ -8,7 +8,9 @@ in one reactor turn are written with one ``transport.write`` per connection, by 
 ``callLater(0)`` for the whole factory.
 
 The handshake accepts any path; the node id comes from the ``node_id`` header and the project
-id from ``project_id`` (any case: edgecore sends ``Node_id``/``Project_id``). No subprotocol and
+id from ``project_id`` (any case: edgecore sends ``Node_id``/``Project_id``), read as Go reads
+them: the first value of a repeated header, its bytes as sent, decoded as UTF-8 (strictly);
+the node id must be a Kubernetes node name (:mod:`cloudhub.nodeid`). No subprotocol and
 no extension is ever accepted; compression is off. The client certificate is required and
 verified against the hub's CA by the TLS options (:func:`websocket_listener`); its subject is
 not compared with the node id (§4.2).
@@ -17,8 +19,10 @@ Contract towards the :class:`~cloudhub.interfaces.IConnectionHandler` (all calls
 thread, never re-entrantly from ``send_message`` or ``close``):
 
 * Nothing at all is called for a connection whose TLS handshake fails (no or foreign client
-  certificate), whose upgrade request is refused (no ``node_id`` header: HTTP 400 with the
-  reason; not a WebSocket upgrade: 4xx), or that does not finish both within 30 s.
+  certificate), whose upgrade request is refused (no ``node_id`` header, one that is not a
+  node name or not UTF-8: HTTP 400 with the reason; a request over ``max_request_size``
+  bytes: 431, or 414 for its request line alone; not a WebSocket upgrade: 4xx), or that does
+  not finish both within ``handshake_timeout`` (``hub.limits.handshakeTimeout``).
 * ``connection_made(conn)`` is called once, right after the 101 response is written and before
   any ``message_received`` for ``conn``. ``conn.send_message`` works from inside it.
 * If ``connection_made`` raises :class:`~cloudhub.errors.NodeRefused`, the connection is closed
@@ -33,8 +37,12 @@ thread, never re-entrantly from ``send_message`` or ``close``):
   "peer dropped the TCP connection ...").
 * A message that does not decode closes that connection with 1007 (``CLOSE_INVALID_PAYLOAD``)
   and the decoder's message; a message over ``max_message_size`` with 1009
-  (``CLOSE_TOO_BIG``); bytes that are not WebSocket framing drop the TCP connection (Autobahn's
-  ``failByDrop``). Other connections are not affected.
+  (``CLOSE_TOO_BIG``); bytes that are not WebSocket framing with 1002 (protocol error) and
+  Autobahn's reason, after which nothing more is read. Other connections are not affected.
+* A peer that does not take what the hub writes is dropped (TCP aborted, no close frame):
+  when its data has waited ``write_timeout`` seconds (``cloudHub.writeTimeout``), or at once
+  when more than ``max_output_buffer`` bytes wait (:class:`WebSocketHubFactory`); pongs to
+  its pings count too. ``connection_lost`` says "dropped by the hub: ...".
 * ``send_message`` drops the message (debug log) once the connection is closing or closed;
   ``close`` of a connection already closing does nothing. Frames queued before ``close`` are
   written before the close frame. ``header.sync`` is cleared on the wire (§2.4).
@@ -45,9 +53,11 @@ Messages are not interpreted here: keepalives, control operations and ACKs are t
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from types import FunctionType
-from typing import Any
+from typing import Any, NoReturn
 
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -72,19 +82,26 @@ from cloudhub.interfaces import (
 )
 from cloudhub.listening import ListeningService
 from cloudhub.model import Message
+from cloudhub.nodeid import validate_node_id
 from cloudhub.wire import decode, encode
 
 __all__ = [
     "CLOSE_HANDSHAKE_TIMEOUT",
     "CLOSE_INTERNAL_ERROR",
+    "CLOSE_PROTOCOL_ERROR",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MAX_OUTPUT_BUFFER",
+    "DEFAULT_WRITE_TIMEOUT",
+    "MAX_REQUEST_SIZE",
     "OPEN_HANDSHAKE_TIMEOUT",
     "ReactorTimer",
     "UnbufferedTLSFactory",
     "WebSocketConnection",
     "WebSocketHubFactory",
     "WebSocketHubProtocol",
+    "WebSocketStats",
     "close_reason_bytes",
+    "first_header_values",
     "masked_text_frame",
     "peer_address",
     "text_frame",
@@ -99,15 +116,26 @@ log = Logger()
 Reactor = Any
 
 DEFAULT_MAX_MESSAGE_SIZE = 8 * 1024 * 1024
-# edgecore's websocket.handshakeTimeout is 30 s (§4.2); here it bounds TCP accept -> 101,
-# which includes the TLS handshake.
-OPEN_HANDSHAKE_TIMEOUT = 30.0
+# The deadline from TCP accept to the 101 (TLS handshake and the whole upgrade request
+# included); a peer that has not finished by then is dropped. edgecore gives up after its
+# own websocket.handshakeTimeout of 30 s (§4.2).
+OPEN_HANDSHAKE_TIMEOUT = 10.0
+# The upgrade request (request line + headers + the empty line) may have at most this many
+# bytes: more is refused with 431 (414 when the request line alone is that long). edgecore's
+# is ~330 bytes.
+MAX_REQUEST_SIZE = 16 * 1024
+# cloudHub.writeTimeout's default: how long a connection may keep data its peer does not take.
+DEFAULT_WRITE_TIMEOUT = 30.0
+# Bytes a connection may queue beyond what its peer takes before it is dropped.
+DEFAULT_MAX_OUTPUT_BUFFER = 16 * 1024 * 1024
 # How long the side that sent a close frame waits for the answer before dropping TCP.
 CLOSE_HANDSHAKE_TIMEOUT = 2.0
+CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INTERNAL_ERROR = 1011
 
 _STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
+_STATE_CLOSING = WebSocketProtocol.STATE_CLOSING
 _STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
 
 # A close frame's payload is at most 125 bytes: 2 for the code, 123 for the reason.
@@ -171,6 +199,24 @@ def peer_address(transport: ITransport) -> str:
     if ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+def first_header_values(request: bytes, names: tuple[bytes, ...]) -> list[bytes]:
+    """The first value of each header in ``names`` (lowercase) in the raw HTTP ``request``
+    head, as sent (surrounding spaces and tabs removed), ``b""`` for a header not there.
+
+    As Go's ``Header.Get``: a repeated header counts once, with its first value. Autobahn
+    has already checked the head's syntax (CRLF lines, no folding) before ``onConnect``.
+    """
+    found: dict[bytes, bytes] = {}
+    wanted = set(names)
+    for line in request.split(b"\r\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if colon:
+            key = name.strip().lower()
+            if key in wanted and key not in found:
+                found[key] = value.strip(b" \t")
+    return [found.get(name, b"") for name in names]
 
 
 class ReactorTimer:
@@ -300,24 +346,112 @@ class WebSocketHubProtocol(LeanProtocolMixin, WebSocketServerProtocol):  # type:
     in_session = False
     # Frames queued this reactor turn, written by the factory's flush.
     _pending: list[bytes] | None = None
+    # While the transport has paused us (its buffer went over Twisted's 64 KiB mark and has
+    # not drained since): the write timeout, and the bytes written since (slow peers).
+    _write_timer: IDelayedCall | None = None
+    _backlog = 0
+    # After a protocol violation nothing more is read (the framing is lost).
+    _discard_input = False
+
+    # -- receive path, before anything else --
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self.state
+        if state == _STATE_OPEN:
+            if not self._discard_input:
+                self._dataReceived(data)
+        elif state == _STATE_CONNECTING:
+            self._request_data(data)
+        elif state == _STATE_CLOSING:
+            if not self._discard_input:
+                self._dataReceived(data)
+        # Closed: Autobahn would keep appending it to self.data until TCP is gone.
+
+    def _request_data(self, data: bytes) -> None:
+        """Bytes of the upgrade request: buffered up to the factory's ``max_request_size``,
+        and handed to Autobahn only when the empty line that ends the head has arrived (it
+        scans the whole buffer on every call: quadratic for a request sent byte by byte)."""
+        buffered = self.data
+        limit = self.factory.max_request_size
+        if b"\r\n\r\n" not in buffered[-3:] + data:
+            if len(buffered) + len(data) > limit:
+                self._request_too_large(buffered + data, limit)
+            else:
+                self.data = buffered + data
+            return
+        head = buffered + data
+        if head.find(b"\r\n\r\n", 0, limit) < 0:
+            self._request_too_large(head, limit)
+            return
+        self._dataReceived(data)
+
+    def _request_too_large(self, head: bytes, limit: int) -> None:
+        self.data = b""
+        self.factory.stats.requests_too_large += 1
+        if head.find(b"\r\n", 0, limit) < 0:
+            code, reason = 414, f"URI Too Long (request line over {limit} bytes)"
+        else:
+            code, reason = 431, f"Request Header Fields Too Large (over {limit} bytes)"
+        log.info(
+            "WebSocket upgrade from {peer} refused: {code} {reason}",
+            peer=peer_address(self.transport),  # type: ignore[arg-type]
+            code=code,
+            reason=reason,
+        )
+        self.failHandshake(reason, code)
+
+    def onOpenHandshakeTimeout(self) -> None:
+        if self.state == _STATE_CONNECTING:
+            self.factory.stats.handshake_timeouts += 1
+            log.info(
+                "connection from {peer} dropped: no WebSocket upgrade within {timeout:g} s",
+                peer=self.peer,
+                timeout=self.factory.openHandshakeTimeout,
+            )
+        super().onOpenHandshakeTimeout()
 
     # -- handshake --
 
     def onConnect(self, request: ConnectionRequest) -> None:
-        headers = request.headers  # Autobahn lowercases the names
-        node_id = headers.get("node_id", "").strip()
+        # Autobahn's header values are Latin-1 decoded and repeated ones joined with ", ";
+        # Go (gorilla) takes the first value, bytes as sent: read those from the raw request.
         peer = peer_address(self.transport)  # type: ignore[arg-type]
+        values = first_header_values(self.http_request_data, (b"node_id", b"project_id"))
+        node_id, project_id = "", ""
+        for name, raw in zip(("node_id", "project_id"), values, strict=True):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self._refuse_upgrade(peer, f"{raw!r:.80}", f"{name} header is not valid UTF-8")
+            if name == "node_id":
+                node_id = text
+            else:
+                project_id = text
         if not node_id:
             log.info("WebSocket upgrade from {peer} refused: no node_id header", peer=peer)
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "missing node_id header")
-        project_id = headers.get("project_id", "").strip()
+        problem = validate_node_id(node_id)
+        if problem is not None:
+            self._refuse_upgrade(peer, f"{node_id!r:.80}", f"invalid node_id header: {problem}")
         self.connection = WebSocketConnection(self, node_id, project_id, peer)
         return None  # no subprotocol, whatever the client offered
+
+    def _refuse_upgrade(self, peer: str, value: str, reason: str) -> NoReturn:
+        self.factory.stats.node_ids_refused += 1
+        log.info(
+            "WebSocket upgrade from {peer} refused: {reason} ({value})",
+            peer=peer,
+            reason=reason,
+            value=value,
+        )
+        raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, reason)
 
     def onOpen(self) -> None:
         connection = self.connection
         assert connection is not None
         handler = self.factory.handler
+        # From here on the transport tells us when its peer stops taking data.
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         try:
             handler.connection_made(connection)
         except NodeRefused as refused:
@@ -405,7 +539,102 @@ class WebSocketHubProtocol(LeanProtocolMixin, WebSocketServerProtocol):  # type:
             return
         self._pending = None
         if self.state == _STATE_OPEN:
-            self.transport.write(b"".join(pending))  # type: ignore[union-attr]
+            data = b"".join(pending)
+            self.transport.write(data)  # type: ignore[union-attr]
+            if self._write_timer is not None:
+                self._count_backlog(len(data))
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn's own writes: the 101 or an HTTP error, pongs, close frames.
+        super().sendData(data, sync, chopsize)
+        if self._write_timer is not None:
+            self._count_backlog(len(data))
+
+    # -- slow peers: the transport as our consumer (IPushProducer) --
+
+    def pauseProducing(self) -> None:
+        """The transport holds more than it can pass on (Twisted: over 64 KiB): from now on
+        the connection has ``write_timeout`` seconds to drain, and may write at most
+        ``max_output_buffer`` more bytes meanwhile. One timer, only while paused."""
+        if self._write_timer is None and self.state != _STATE_CLOSED:
+            factory = self.factory
+            self._backlog = 0
+            self._write_timer = factory.reactor.callLater(
+                factory.write_timeout, self._write_timed_out
+            )
+
+    def resumeProducing(self) -> None:
+        """Everything written has been handed to the kernel."""
+        timer = self._write_timer
+        if timer is not None:
+            self._write_timer = None
+            if timer.active():
+                timer.cancel()
+        self._backlog = 0
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    def _count_backlog(self, size: int) -> None:
+        self._backlog += size
+        limit = self.factory.max_output_buffer
+        if self._backlog > limit:
+            self.factory.stats.output_overflows += 1
+            self._drop_slow_peer(f"more than {limit} bytes not taken by the peer")
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        self.factory.stats.write_timeouts += 1
+        self._drop_slow_peer(
+            f"data not taken by the peer for {self.factory.write_timeout:g} s (writeTimeout)"
+        )
+
+    def _drop_slow_peer(self, why: str) -> None:
+        """Abort the TCP connection: a close frame would wait behind what the peer is not
+        reading. Autobahn's ``dropConnection`` without its warning (this line is enough)."""
+        timer, self._write_timer = self._write_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self.state == _STATE_CLOSED:
+            return
+        connection = self.connection
+        log.info(
+            "node {node} ({peer}): connection dropped, {why}",
+            node=connection.node_id if connection else "?",
+            peer=connection.peer if connection else self.peer,
+            why=why,
+        )
+        self._pending = None
+        self.wasClean = False
+        self.wasNotCleanReason = f"dropped by the hub: {why}"
+        self.droppedByMe = True
+        self.unregisterProducer()
+        self.state = _STATE_CLOSED
+        txaio.resolve(self.is_closed, self)  # type: ignore[attr-defined]
+        self._closeConnection(abort=True)
+
+    # -- protocol violations --
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        # Autobahn's failByDrop (still set: it stops the frame parser at the violation) would
+        # drop TCP without a word. Instead: the close frame with the code (1002 for a
+        # protocol violation, 1007 for a close reason that is not UTF-8) after what is queued,
+        # nothing more read (the framing is lost), TCP dropped when the peer closes or after
+        # the close handshake timeout, as for every close the hub starts.
+        if self.state == _STATE_CLOSED:
+            return
+        self.failedByMe = True
+        self._discard_input = True
+        self.data = b""
+        self.factory.stats.protocol_errors += 1
+        connection = self.connection
+        log.info(
+            "node {node} ({peer}): closing, WebSocket protocol error: {reason}",
+            node=connection.node_id if connection else "?",
+            peer=connection.peer if connection else self.peer,
+            reason=reason,
+        )
+        self.close_with(code, reason)
 
     # -- close --
 
@@ -415,6 +644,8 @@ class WebSocketHubProtocol(LeanProtocolMixin, WebSocketServerProtocol):  # type:
         state = self.state
         if state == _STATE_OPEN:
             self.flush()
+            if self.state != _STATE_OPEN:  # the flush found a peer not reading
+                return
             self.sendCloseFrame(code=code, reasonUtf8=close_reason_bytes(reason), isReply=False)
         elif state == _STATE_CONNECTING:
             self.dropConnection(abort=True)
@@ -432,6 +663,7 @@ class WebSocketHubProtocol(LeanProtocolMixin, WebSocketServerProtocol):  # type:
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._pending = None
+        self.resumeProducing()  # no write timer left behind
         connection = self.connection
         if connection is None:
             return
@@ -461,11 +693,36 @@ class WebSocketHubProtocol(LeanProtocolMixin, WebSocketServerProtocol):  # type:
         return str(self.wasNotCleanReason or "connection lost")
 
 
+@dataclass(slots=True)
+class WebSocketStats:
+    """Counters of the WebSocket listener (plain ints): each limit reached."""
+
+    requests_too_large: int = 0  # upgrade request over max_request_size: 431 / 414
+    handshake_timeouts: int = 0  # no upgrade within handshake_timeout: dropped
+    node_ids_refused: int = 0  # node_id not a node name, or not UTF-8: 400
+    protocol_errors: int = 0  # WebSocket protocol violations: closed with 1002 (1007)
+    write_timeouts: int = 0  # data not taken by the peer for write_timeout: dropped
+    output_overflows: int = 0  # more than max_output_buffer not taken: dropped
+
+
 class WebSocketHubFactory(WebSocketServerFactory):
     """Autobahn server factory for edge nodes; reports to ``handler`` (module docstring).
 
     ``max_message_size`` bounds one received message (and frame), in payload bytes; a larger
     one closes the connection with 1009.
+
+    Limits (issue 18; each reached one is counted in :attr:`stats`):
+
+    * ``max_request_size``: bytes of the upgrade request (request line and headers); more
+      is answered 431 (414 if the request line alone is that long) before it is all read.
+    * ``handshake_timeout``: seconds from TCP accept to the 101 (TLS included); then the
+      connection is dropped.
+    * ``write_timeout``: seconds a connection may keep data its peer does not take: from the
+      moment its transport holds more than it can pass on (Twisted pauses its producer
+      over 64 KiB unsent) until it has drained completely; then TCP is aborted.
+    * ``max_output_buffer``: bytes written meanwhile (pongs included) beyond which TCP is
+      aborted at once. What a connection can hold is thus at most this plus 64 KiB and the
+      kernel's socket buffer.
     """
 
     protocol = WebSocketHubProtocol  # type: ignore[assignment]
@@ -476,6 +733,11 @@ class WebSocketHubFactory(WebSocketServerFactory):
         handler: IConnectionHandler,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         reactor: Reactor = None,
+        *,
+        max_request_size: int = MAX_REQUEST_SIZE,
+        handshake_timeout: float = OPEN_HANDSHAKE_TIMEOUT,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+        max_output_buffer: int = DEFAULT_MAX_OUTPUT_BUFFER,
     ) -> None:
         if reactor is None:
             raise TypeError("WebSocketHubFactory needs the reactor")
@@ -483,6 +745,10 @@ class WebSocketHubFactory(WebSocketServerFactory):
         super().__init__(server=None, reactor=reactor)
         self.handler = handler
         self.max_message_size = max_message_size
+        self.max_request_size = max_request_size
+        self.write_timeout = write_timeout
+        self.max_output_buffer = max_output_buffer
+        self.stats = WebSocketStats()
         self._batched_timer = ReactorTimer(reactor)
         self.setProtocolOptions(
             webStatus=False,  # a plain GET gets 426, not Autobahn's status page
@@ -490,8 +756,8 @@ class WebSocketHubFactory(WebSocketServerFactory):
             maxFramePayloadSize=max_message_size,
             maxMessagePayloadSize=max_message_size,
             autoFragmentSize=0,
-            failByDrop=True,
-            openHandshakeTimeout=OPEN_HANDSHAKE_TIMEOUT,
+            failByDrop=True,  # stops the parser at a violation; the hub sends 1002 (above)
+            openHandshakeTimeout=handshake_timeout,
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             autoPingInterval=0,  # KubeEdge never pings; keepalive is application level
             autoPingTimeout=0,
@@ -542,10 +808,21 @@ def websocket_listener(
     mutual TLS, as a service.
 
     Client certificates are required and verified against the hub's CA; messages are limited
-    to ``hub.maxMessageSize``; the listen backlog is ``hub.listenBacklog``.
+    to ``hub.maxMessageSize``; the listen backlog is ``hub.listenBacklog``; a peer that leaves
+    data unread for ``cloudHub.writeTimeout`` seconds, or more than
+    ``hub.limits.maxOutputBuffer`` bytes, is dropped; the upgrade request is bounded by
+    ``hub.limits.websocketRequestSize`` and ``hub.limits.handshakeTimeout``.
     """
     settings = config.cloudhub.websocket
-    factory = WebSocketHubFactory(handler, config.hub.max_message_size, reactor)
+    factory = WebSocketHubFactory(
+        handler,
+        config.hub.max_message_size,
+        reactor,
+        write_timeout=float(config.cloudhub.write_timeout),
+        max_request_size=config.hub.limits.websocket_request_size,
+        handshake_timeout=float(config.hub.limits.handshake_timeout),
+        max_output_buffer=config.hub.limits.max_output_buffer,
+    )
     tls = UnbufferedTLSFactory(
         server_tls_options(authority, "require"), False, factory, clock=reactor
     )
