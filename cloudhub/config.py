@@ -189,9 +189,7 @@ class LimitsConfig:
     # data left unsent for cloudHub.writeTimeout seconds drops it too.
     max_output_buffer: int = _key("maxOutputBuffer", 16 * MIB, _at_least(65536))
     https: ConnectionLimits = _key("https", ConnectionLimits())
-    api: ConnectionLimits = _key(
-        "api", ConnectionLimits(max_per_address=0, descriptor_reserve=64)
-    )
+    api: ConnectionLimits = _key("api", ConnectionLimits(max_per_address=0, descriptor_reserve=64))
 
 
 @dataclass(frozen=True)
