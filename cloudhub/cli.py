@@ -147,7 +147,10 @@ def sync(args: argparse.Namespace) -> int:
     path = config.store_path
     if not os.path.exists(path):
         raise CloudHubError(f"no sync store at {path} (has the hub run with this config?)")
-    store = SQLiteSyncStore(path, reactor)
+    # The hub's retention, so that the tombstones it would forget are not shown.
+    store = SQLiteSyncStore(
+        path, reactor, tombstone_retention=config.hub.store.tombstone_retention
+    )
     try:
         records = store.load()
     finally:
@@ -162,6 +165,8 @@ def sync(args: argparse.Namespace) -> int:
             pending = "delete" if r.pending.operation == "delete" else r.pending.resource_version
             pending = pending or "?"
         acked = "-" if r.acked_version is None else str(r.acked_version)
+        if r.deleted_at is not None:  # a tombstone: deleted, acknowledged at that version
+            acked = "deleted" if r.acked_version is None else f"deleted@{r.acked_version}"
         resource = r.resource or (r.pending.resource if r.pending is not None else "")
         rows.append(
             (r.node_id, resource or "-", r.uid, acked, pending, str(r.attempts), r.last_error or "")

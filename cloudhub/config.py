@@ -146,6 +146,9 @@ class StoreConfig:
     # Start with a missing or empty store file although this dataDir has run a hub before
     # (it holds the CA the hub generated): refused unless this is true (store/guard.py).
     allow_empty: bool = _key("allowEmpty", False)
+    # Seconds an acknowledged delete is remembered (a tombstone), so that a late, older
+    # version of the object is refused as stale instead of re-creating it; 0: not at all.
+    tombstone_retention: int = _key("tombstoneRetention", 86400, _at_least(0))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,15 @@ Two classes of message (§6.3): *ACK mode* messages carry a k8s object and are k
 version per object UID, until the edge acknowledges them; *no-ACK* messages are sent once, in
 order. This module holds the data and the rules (classification, resourceVersion, supersede);
 the timers and transmissions are :class:`cloudhub.session.NodeSession`'s.
+
+Tombstones (beyond KubeEdge, which forgets an object once its delete is acknowledged): the
+sync store remembers an acknowledged delete for its ``tombstone_retention``, and while it does,
+a message for that object whose resourceVersion is not newer than the tombstone's is refused
+as stale, so a late retry of an older version cannot bring the object back on the edge. A
+newer version (a re-create) is accepted and ends the tombstone. A tombstone's version is the
+newest the hub knew for the object when the delete was accepted: the delete's own
+resourceVersion, the last acknowledged one, or that of the message the delete replaced (a
+delete may come without a resourceVersion, §6.3 step 5). A queue without a store keeps none.
 """
 
 from __future__ import annotations
@@ -76,6 +85,7 @@ class PendingEntry:
         "transmissions",
         "failures",
         "encoded",
+        "floor",
     )
 
     def __init__(
@@ -95,6 +105,8 @@ class PendingEntry:
         self.waiters: list[Deferred[Message]] = []
         self.transmissions = 0  # sends of this message in the current round (≤ 5)
         self.failures = 0  # rounds that ended without an ACK (drives the backoff)
+        # For a delete: the version its tombstone will carry (see the module docstring).
+        self.floor: int | None = version
 
 
 class NodeQueue:
@@ -174,18 +186,35 @@ class NodeQueue:
                 f"{message.operation} of object {uid} needs header.resourceversion",
             )
         current = self.pending.get(uid)
+        acked = self.acked.get(uid)
+        # The object's tombstone: only while nothing newer is known (a re-create ends it).
+        deleted: int | None = None
+        if current is None and acked is None and self.store is not None:
+            deleted = self.store.deleted_version(self.node_id, uid)
         always = delete or message.operation == model.OP_RESPONSE
         if not always:
             assert version is not None
             pending_version = current.version if current is not None else None
-            acked = self.acked.get(uid)
             if current is not None and (current.delete or (pending_version or 0) >= version):
                 raise self._stale(uid, message, acked, current)
             if current is None and acked is not None and acked >= version:
                 raise self._stale(uid, message, acked, None)
+        if deleted is not None and version is not None and version <= deleted:
+            # Not newer than the acknowledged delete: a late retry (deletes too: the edge
+            # already acknowledged this delete or a newer one).
+            raise self._stale(uid, message, deleted, None)
         # Encoded once, here, for the store and for every transmission on the JSON lane.
         encoded = wire.encode(message) if self.store is not None else None
         entry = PendingEntry(uid, message, version, delete, encoded)
+        if delete:
+            known = [entry.version, acked, deleted]
+            if current is not None:
+                known.append(current.floor if current.delete else current.version)
+            entry.floor = max((v for v in known if v is not None), default=None)
+        if deleted is not None:
+            # A re-create: the store's record lives again and keeps the delete's version as
+            # its acknowledged one; so does this queue.
+            self.acked[uid] = deleted
         if current is not None:
             self._supersede(current, entry)
         self.pending[uid] = entry
@@ -208,6 +237,8 @@ class NodeQueue:
     def restore(self, record: SyncRecord) -> None:
         """Take back what the sync store kept across a restart (records in ``seq`` order)."""
         uid = record.uid
+        if record.deleted_at is not None:
+            return  # a tombstone: the store answers for it (deleted_version), until it expires
         if record.acked_version is not None:
             self.acked[uid] = record.acked_version
         message = record.pending
@@ -220,6 +251,9 @@ class NodeQueue:
             except ResourceVersionError:
                 version = None
         entry = PendingEntry(uid, message, version, model.is_delete(message))
+        if entry.delete and record.acked_version is not None:
+            # (What a delete replaced before the restart is not kept: its acked version is.)
+            entry.floor = max(record.acked_version, version or 0)
         self.pending[uid] = entry
         self.by_msg_id[message.msg_id] = uid
         self.ready[uid] = None
@@ -314,7 +348,9 @@ class NodeQueue:
         self.ready.pop(uid, None)
         self.delayed.pop(uid, None)
         if self.store is not None:
-            self.store.acknowledged(self.node_id, uid, entry.version, entry.delete)
+            # A delete leaves a tombstone at its floor (the store forgets it when it expires).
+            version = entry.floor if entry.delete else entry.version
+            self.store.acknowledged(self.node_id, uid, version, entry.delete)
         if entry.delete:
             self.acked.pop(uid, None)
         elif entry.version is not None:

@@ -90,7 +90,9 @@ class CloudHubService(MultiService):
         self.interpreter_tuning = interpreter_tuning
         if store is None and config.hub.store.type == "memory":
             # Lives as long as this object: a restart in the same process keeps what is owed.
-            store = MemorySyncStore()
+            store = MemorySyncStore(
+                reactor, tombstone_retention=config.hub.store.tombstone_retention
+            )
         self._given_store = store
         self._given_authority = authority
         self.store: ISyncStore | None = store
@@ -220,7 +222,12 @@ class CloudHubService(MultiService):
     def _open_configured_store(self) -> tuple[ISyncStore, list[SyncRecord]]:
         if self.config.hub.store.type == "sqlite" and not self.config.hub.store.allow_empty:
             check_store_file(self.config.store_path, self._has_run_before)
-        store = open_store(self.config.hub.store.type, self.config.store_path, self.reactor)
+        store = open_store(
+            self.config.hub.store.type,
+            self.config.store_path,
+            self.reactor,
+            tombstone_retention=self.config.hub.store.tombstone_retention,
+        )
         try:
             return store, store.load()
         except BaseException:

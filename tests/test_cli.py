@@ -390,6 +390,7 @@ class SyncCommandTests(TestCase):
         store.acknowledged("edge-1", "uid-2", 3, False)
         store.put_pending("edge-2", "uid-3", pod_message("uid-3", "9"), "Pod", "default", "x")
         store.note_attempt("edge-2", "uid-3", 5, "no ACK after 5 transmissions")
+        store.acknowledged("edge-1", "uid-4", 12, True)  # an acknowledged delete: a tombstone
         yield store.close()
         stdout = io.StringIO()
         with redirect_stdout(stdout):
@@ -402,7 +403,10 @@ class SyncCommandTests(TestCase):
         stdout = io.StringIO()
         with redirect_stdout(stdout):
             cli.main(["sync", "--config", path])
-        self.assertEqual(len(stdout.getvalue().splitlines()), 4)
+        lines = stdout.getvalue().splitlines()
+        self.assertEqual(len(lines), 5)
+        [tombstone] = [line for line in lines if "uid-4" in line]
+        self.assertIn("deleted@12", tombstone)
 
     def test_no_store_is_a_clear_error(self) -> None:
         path = self.config_file()

@@ -546,14 +546,17 @@ class DurableDeliveryTests(SynchronousTestCase):
         self.handle.message_received(connection, model.new_ack(connection.sent[-1]))
         self.successResultOf(newer)
 
-    def test_acknowledged_delete_removes_record(self) -> None:
+    def test_acknowledged_delete_leaves_a_tombstone(self) -> None:
+        """Not removed as KubeEdge's ObjectSync is: remembered (tests/test_tombstones.py)."""
         upstream = self.hub()
         connection = self.connect("edge-1")
         upstream.send("edge-1", pod_message("u1", "5", "insert"))
         self.handle.message_received(connection, model.new_ack(connection.sent[-1]))
         upstream.send("edge-1", pod_message("u1", "6", "delete"))
         self.handle.message_received(connection, model.new_ack(connection.sent[-1]))
-        self.assertEqual(self.successResultOf(self.store.records("edge-1")), [])
+        [record] = self.successResultOf(self.store.records("edge-1"))
+        self.assertEqual((record.pending, record.acked_version), (None, 6))
+        self.assertIsNotNone(record.deleted_at)
 
     def test_encoded_once_for_store_and_wire(self) -> None:
         """The bytes the store keeps are the bytes handed to the transport, every time."""

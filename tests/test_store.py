@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -202,11 +202,14 @@ class SyncStoreBehaviour:
         store.acknowledged(*gone, None, deleted=True)
         await store.flush()
         records = {(r.node_id, r.uid): r for r in await store.records()}
-        self.assertEqual(set(records), set(expected) - {gone})
+        self.assertEqual(set(records), set(expected))
         for key, record in records.items():
             text, sent, _ = expected[key]
             self.assertEqual((record.kind, record.namespace, record.name), (text, text, text))
-            if key == first:  # an ACK clears attempts and the last error
+            if key == gone:  # a tombstone
+                self.assertEqual((record.pending, record.last_error), (None, ""))
+                self.assertIsNotNone(record.deleted_at)
+            elif key == first:  # an ACK clears attempts and the last error
                 self.assertEqual((record.pending, record.acked_version), (None, MAX_RV))
                 self.assertEqual(record.last_error, "")
             else:
@@ -270,13 +273,110 @@ class SyncStoreBehaviour:
         self.assertEqual((record.attempts, record.last_error), (2, "timeout"))
         self.assertGreater(record.seq, first.seq)
 
-    async def test_acknowledged_delete_removes_the_record(self) -> None:
-        store = self.make_store()
+    async def test_acknowledged_delete_leaves_a_tombstone(self) -> None:
+        clock = Clock()
+        clock.advance(1000)
+        store = self.make_store(clock=clock)
         put(store, "n1", "u1", "5")
         put(store, "n1", "u2", "5")
+        store.acknowledged("n1", "u1", 5, deleted=False)
+        store.note_attempt("n1", "u1", 2, "timeout")
         await store.flush()
+        store.acknowledged("n1", "u1", 6, deleted=True)
+        self.assertEqual(store.deleted_version("n1", "u1"), 6)
+        self.assertIsNone(store.deleted_version("n1", "u2"))
+        self.assertIsNone(store.deleted_version("n2", "u1"))
+        records = {r.uid: r for r in await store.records()}
+        self.assertEqual(set(records), {"u1", "u2"})
+        tombstone = records["u1"]
+        self.assertEqual((tombstone.pending, tombstone.acked_version), (None, 6))
+        self.assertEqual(
+            (tombstone.deleted_at, tombstone.attempts, tombstone.last_error), (1000, 0, "")
+        )
+        self.assertEqual((tombstone.kind, tombstone.name), ("Pod", "nginx"))
+        self.assertIsNone(records["u2"].deleted_at)
+
+    async def test_tombstone_without_a_version(self) -> None:
+        """A delete acknowledged with no version known: a tombstone that refuses nothing."""
+        store = self.make_store(clock=Clock())
         store.acknowledged("n1", "u1", None, deleted=True)
-        self.assertEqual([r.uid for r in await store.records()], ["u2"])
+        record = await self.one(store)
+        self.assertEqual((record.acked_version, record.deleted_at, record.kind), (None, 0, ""))
+        self.assertIsNone(store.deleted_version("n1", "u1"))
+
+    async def test_put_pending_on_a_tombstone_makes_it_live(self) -> None:
+        clock = Clock()
+        store = self.make_store(clock=clock)
+        put(store, "n1", "u1", "5")
+        store.acknowledged("n1", "u1", 6, deleted=True)
+        first = await self.one(store)
+        clock.advance(10)
+        newer = put(store, "n1", "u1", "7")
+        self.assertIsNone(store.deleted_version("n1", "u1"))
+        record = await self.one(store)
+        self.assertEqual(
+            (record.pending, record.acked_version, record.deleted_at), (newer, 6, None)
+        )
+        self.assertGreater(record.seq, first.seq)
+        store.acknowledged("n1", "u1", 7, deleted=False)
+        record = await self.one(store)
+        self.assertEqual((record.pending, record.acked_version, record.deleted_at), (None, 7, None))
+
+    async def test_tombstone_expires_even_before_a_purge(self) -> None:
+        clock = Clock()
+        store = self.make_store(clock=clock, tombstone_retention=10, purge_interval=10**9)
+        put(store, "n1", "u1", "5")
+        store.acknowledged("n1", "u1", 6, deleted=True)
+        clock.advance(9.5)
+        self.assertEqual(store.deleted_version("n1", "u1"), 6)
+        self.assertEqual([r.uid for r in await store.records()], ["u1"])
+        clock.advance(0.5)  # 10 s: expired, not purged (the next purge is 10**9 s away)
+        self.assertIsNone(store.deleted_version("n1", "u1"))
+        self.assertEqual(await store.records(), [])
+        self.assertEqual(await store.records("n1"), [])
+
+    async def test_expired_tombstone_is_forgotten_by_a_write(self) -> None:
+        """A write to an expired tombstone meets no record (as after a purge)."""
+        clock = Clock()
+        store = self.make_store(clock=clock, tombstone_retention=10, purge_interval=10**9)
+        put(store, "n1", "u1", "5")
+        put(store, "n1", "u2", "5")
+        store.acknowledged("n1", "u1", 6, deleted=True)
+        store.acknowledged("n1", "u2", 6, deleted=True)
+        clock.advance(11)
+        store.note_attempt("n1", "u2", 3, "x")  # needs a record: none
+        store.dropped("n1", "u2")
+        again = put(store, "n1", "u1", "3")
+        record = await self.one(store)
+        self.assertEqual((record.uid, record.pending, record.acked_version), ("u1", again, None))
+        store.acknowledged("n1", "u2", 1, deleted=False)  # creates a new record
+        records = {r.uid: r for r in await store.records()}
+        self.assertEqual((records["u2"].acked_version, records["u2"].kind), (1, ""))
+
+    async def test_retention_zero_remembers_no_delete(self) -> None:
+        """``tombstone_retention: 0`` is KubeEdge's behaviour: the record goes at once."""
+        store = self.make_store(clock=Clock(), tombstone_retention=0)
+        put(store, "n1", "u1", "5")
+        store.acknowledged("n1", "u1", 6, deleted=True)
+        self.assertIsNone(store.deleted_version("n1", "u1"))
+        self.assertEqual(await store.records(), [])
+
+    def test_retention_must_be_seconds(self) -> None:
+        for bad in (-1, float("nan"), float("inf")):
+            error = self.assertRaises(StoreError, self.make_store, tombstone_retention=bad)
+            self.assertIn("tombstone_retention must be a number of seconds >= 0", str(error))
+        self.assertRaises(StoreError, self.make_store, purge_interval=-5)
+
+    async def test_deleted_again_renews_the_tombstone(self) -> None:
+        clock = Clock()
+        store = self.make_store(clock=clock, tombstone_retention=10)
+        store.acknowledged("n1", "u1", 6, deleted=True)
+        clock.advance(8)
+        put(store, "n1", "u1", "7")
+        store.acknowledged("n1", "u1", 8, deleted=True)
+        clock.advance(8)  # 16 s after the first delete, 8 after the second
+        self.assertEqual(store.deleted_version("n1", "u1"), 8)
+        self.assertEqual((await self.one(store)).deleted_at, 8)
 
     async def test_acknowledged_without_a_record_creates_one(self) -> None:
         store = self.make_store()
@@ -334,11 +434,12 @@ class SyncStoreBehaviour:
         self.assertEqual((record.pending, record.acked_version), (newer, None))
         self.assertEqual((record.attempts, record.last_error), (0, ""))
 
-    async def test_put_then_acknowledged_delete_in_one_turn_leaves_nothing(self) -> None:
-        store = self.make_store()
+    async def test_put_then_acknowledged_delete_in_one_turn_leaves_a_tombstone(self) -> None:
+        store = self.make_store(clock=Clock())
         put(store, "n1", "u1", "5")
-        store.acknowledged("n1", "u1", None, deleted=True)
-        self.assertEqual(await store.records(), [])
+        store.acknowledged("n1", "u1", 5, deleted=True)
+        record = await self.one(store)
+        self.assertEqual((record.pending, record.acked_version, record.deleted_at), (None, 5, 0))
 
     async def test_records_of_one_node_in_seq_order(self) -> None:
         store = self.make_store()
@@ -392,22 +493,87 @@ class SyncStoreBehaviour:
         self.assertRaises(StoreClosed, store.acknowledged, "n1", "u1", 5, False)
         self.assertRaises(StoreClosed, store.dropped, "n1", "u1")
         self.assertRaises(StoreClosed, store.note_attempt, "n1", "u1", 1, "")
+        self.assertRaises(StoreClosed, store.acknowledged, "n1", "u1", 5, True)
         await self.assertFailure(store.flush(), StoreClosed)
         await self.assertFailure(store.records(), StoreClosed)
         await store.close()  # again: same outcome
 
 
 class MemorySyncStoreTests(SyncStoreBehaviour, TestCase):
-    def make_store(self) -> ISyncStore:
-        return MemorySyncStore()
+    def make_store(self, clock: Any = None, **options: Any) -> ISyncStore:
+        return MemorySyncStore(clock, **options)
+
+    def test_purge_forgets_expired_tombstones_oldest_first(self) -> None:
+        clock = Clock()
+        store = MemorySyncStore(clock, tombstone_retention=10, purge_interval=5)
+        store.acknowledged("n1", "u1", 1, deleted=True)  # t=0; the first write purged
+        clock.advance(4)
+        store.acknowledged("n1", "u2", 1, deleted=True)  # t=4; no purge before t=5
+        clock.advance(7)  # t=11: u1 expired
+        store.acknowledged("n1", "u3", 1, deleted=True)  # purges u1
+        self.assertEqual(sorted(store._rows), [("n1", "u2"), ("n1", "u3")])
+        self.assertEqual(list(store._tombstones), [("n1", "u2"), ("n1", "u3")])
+        clock.advance(4)  # t=15: u2 expired, but the next purge is at 16
+        store.note_attempt("n9", "x", 1, "")
+        self.assertIn(("n1", "u2"), store._rows)
+        clock.advance(1)
+        store.note_attempt("n9", "x", 1, "")
+        self.assertEqual(list(store._rows), [("n1", "u3")])
+
+    def test_without_a_clock_the_wall_clock_dates_tombstones(self) -> None:
+        import time
+
+        store = MemorySyncStore()
+        before = time.time()
+        store.acknowledged("n1", "u1", 1, deleted=True)
+        [record] = store.load()
+        assert record.deleted_at is not None
+        self.assertTrue(before <= record.deleted_at <= time.time())
+        self.assertEqual(store.tombstone_retention, 24 * 3600)
+
+
+class _ClockedReactor:
+    """The real reactor, except that ``seconds()`` is a Clock's (dates tombstones)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+
+    def seconds(self) -> float:
+        return self._clock.seconds()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
+# The table as cloudhub wrote it before tombstones (schema version 1), verbatim.
+_SCHEMA_VERSION_1 = """
+CREATE TABLE sync_record (
+    node_id       TEXT NOT NULL,
+    uid           TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    namespace     TEXT NOT NULL,  -- "null" for cluster-scoped objects (ClusterObjectSync)
+    name          TEXT NOT NULL,
+    resource      TEXT NOT NULL,  -- wire form <ns>/<type>/<name>
+    acked_version TEXT,           -- decimal: a resourceVersion is uint64, INTEGER is int64
+    pending       TEXT,           -- wire JSON of the message owed (protocol §1.1), or NULL
+    seq           INTEGER NOT NULL,
+    attempts      INTEGER NOT NULL,
+    last_error    TEXT NOT NULL,
+    PRIMARY KEY (node_id, uid)
+)
+"""
 
 
 class SQLiteSyncStoreTests(SyncStoreBehaviour, TestCase):
     """The same behaviour through a real file, a real writer thread and the real reactor."""
 
-    def make_store(self, path: str | None = None, **options: Any) -> SQLiteSyncStore:
+    def make_store(
+        self, path: str | None = None, clock: Clock | None = None, **options: Any
+    ) -> SQLiteSyncStore:
         path = path or os.path.join(self.mktemp(), "data", "cloudhub.db")
-        store = SQLiteSyncStore(path, reactor, **options)
+        store = SQLiteSyncStore(
+            path, reactor if clock is None else _ClockedReactor(clock), **options
+        )
         self.addCleanup(store.close)
         return store
 
@@ -426,7 +592,7 @@ class SQLiteSyncStoreTests(SyncStoreBehaviour, TestCase):
         reopened = self.make_store(store.path)
         after = reopened.load()
         self.assertEqual(after, before)
-        self.assertEqual(len(after), 19)
+        self.assertEqual(len(after), 20)  # with the tombstone of u1
         self.assertEqual(after[-1].uid, "u0")
         put(reopened, "node-9", "new", "1")
         self.assertGreater((await reopened.records("node-9"))[0].seq, after[-1].seq)
@@ -464,6 +630,123 @@ class SQLiteSyncStoreTests(SyncStoreBehaviour, TestCase):
         self.assertIn("schema version 99, written by a newer cloudhub", str(error))
         self.assertIn(path, str(error))
 
+    async def test_tombstones_survive_reopening(self) -> None:
+        clock = Clock()
+        clock.advance(5000)
+        store = self.make_store(clock=clock)
+        put(store, "n1", "u1", "5")
+        store.acknowledged("n1", "u1", 6, deleted=True)
+        store.acknowledged("n1", "u2", None, deleted=True)
+        before = await store.records()
+        await store.close()
+        reopened = self.make_store(store.path, clock=clock)
+        self.assertEqual(reopened.load(), before)
+        self.assertEqual(reopened.deleted_version("n1", "u1"), 6)
+        self.assertIsNone(reopened.deleted_version("n1", "u2"))
+        self.assertEqual(
+            [(r.uid, r.acked_version, r.deleted_at) for r in before],
+            [("u1", 6, 5000), ("u2", None, 5000)],
+        )
+
+    async def test_expired_tombstones_are_deleted_by_the_first_commit_after_opening(
+        self,
+    ) -> None:
+        clock = Clock()
+        store = self.make_store(clock=clock, tombstone_retention=100)
+        store.acknowledged("n1", "old", 1, deleted=True)
+        clock.advance(50)
+        store.acknowledged("n1", "young", 2, deleted=True)
+        await store.close()
+        clock.advance(60)  # "old" expired at 100, "young" at 150
+        reopened = self.make_store(store.path, clock=clock, tombstone_retention=100)
+        self.assertEqual([r.uid for r in reopened.load()], ["young"])  # never loaded
+        self.assertIsNone(reopened.deleted_version("n1", "old"))
+        self.assertEqual(reopened.deleted_version("n1", "young"), 2)
+        self.assertEqual(self._raw_uids(store.path), ["old", "young"])  # opening wrote nothing
+        put(reopened, "n2", "u1", "1")
+        await reopened.flush()
+        self.assertEqual(self._raw_uids(store.path), ["u1", "young"])
+
+    async def test_purge_while_running_deletes_expired_rows(self) -> None:
+        clock = Clock()
+        store = self.make_store(clock=clock, tombstone_retention=10, purge_interval=5)
+        store.acknowledged("n1", "u1", 1, deleted=True)
+        clock.advance(6)
+        store.acknowledged("n1", "u2", 1, deleted=True)
+        await store.flush()
+        clock.advance(5)  # t=11: u1 expired; a purge is due
+        put(store, "n1", "u3", "1")
+        await store.flush()
+        self.assertEqual(self._raw_uids(store.path), ["u2", "u3"])
+        self.assertEqual(list(store._tombstones), [("n1", "u2")])
+
+    def _raw_uids(self, path: str) -> list[str]:
+        connection = sqlite3.connect(path)
+        try:
+            return [
+                row[0] for row in connection.execute("SELECT uid FROM sync_record ORDER BY uid")
+            ]
+        finally:
+            connection.close()
+
+    async def test_version_1_file_is_migrated(self) -> None:
+        """A file written by cloudhub before tombstones (schema 1) opens, keeps every record,
+        and works: tombstones included, after reopening too."""
+        path = os.path.join(self.mktemp(), "cloudhub.db")
+        os.makedirs(os.path.dirname(path))
+        pending = message("u1", "5")
+        from cloudhub.store.interfaces import encode_pending
+
+        connection = sqlite3.connect(path)
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute(_SCHEMA_VERSION_1)
+        connection.execute("PRAGMA user_version = 1")
+        connection.execute(
+            "INSERT INTO sync_record VALUES ('n1', 'u1', 'Pod', 'default', 'nginx', "
+            "'default/pod/nginx', '4', ?, 7, 2, 'no ACK')",
+            (encode_pending(pending),),
+        )
+        connection.execute(
+            "INSERT INTO sync_record VALUES ('n1', 'u2', 'Pod', 'default', 'web', "
+            f"'default/pod/web', '{MAX_RV}', NULL, 3, 0, '')"
+        )
+        connection.commit()
+        connection.close()
+
+        clock = Clock()
+        store = self.make_store(path, clock=clock)
+        self.assertEqual(store._conn.execute("PRAGMA user_version").fetchone()[0], 2)
+        records = store.load()
+        self.assertEqual(
+            [(r.uid, r.acked_version, r.pending, r.seq, r.attempts, r.deleted_at) for r in records],
+            [("u2", MAX_RV, None, 3, 0, None), ("u1", 4, pending, 7, 2, None)],
+        )
+        store.acknowledged("n1", "u1", 5, deleted=True)
+        put(store, "n1", "u3", "1")
+        self.assertEqual((await store.records())[-1].seq, 9)  # after the file's highest
+        await store.close()
+        reopened = self.make_store(path, clock=clock)
+        self.assertEqual(reopened.deleted_version("n1", "u1"), 5)
+        self.assertEqual(len(reopened.load()), 3)
+        indexes = [row[1] for row in reopened._conn.execute("PRAGMA index_list(sync_record)")]
+        self.assertIn("sync_record_deleted_at", indexes)
+
+    def test_migrated_and_new_files_have_the_same_columns(self) -> None:
+        old = os.path.join(self.mktemp(), "old.db")
+        os.makedirs(os.path.dirname(old))
+        connection = sqlite3.connect(old)
+        connection.execute(_SCHEMA_VERSION_1)
+        connection.execute("PRAGMA user_version = 1")
+        connection.close()
+        migrated = self.make_store(old)
+        new = self.make_store()
+
+        def columns(store: SQLiteSyncStore) -> list[tuple[Any, ...]]:
+            return list(store._conn.execute("PRAGMA table_info(sync_record)"))
+
+        self.assertEqual(columns(migrated), columns(new))
+        self.assertEqual(columns(new)[-1][1:3], ("deleted_at", "REAL"))
+
     def test_foreign_database_is_refused(self) -> None:
         path = self.mktemp()
         connection = sqlite3.connect(path)
@@ -494,7 +777,7 @@ class SQLiteSyncStoreTests(SyncStoreBehaviour, TestCase):
         connection = sqlite3.connect(path)
         connection.execute(
             "INSERT INTO sync_record VALUES ('n1', 'u1', 'Pod', 'default', 'p', 'default/pod/p', "
-            "NULL, '{\"header\": 5', 1, 0, '')"
+            "NULL, '{\"header\": 5', 1, 0, '', NULL)"
         )
         connection.commit()
         connection.close()
@@ -822,10 +1105,11 @@ class SQLiteBatchingTests(SynchronousTestCase):
 _NODES = ("a", "b")
 _UIDS = ("u1", "u2", "u3")
 _key = st.tuples(st.sampled_from(_NODES), st.sampled_from(_UIDS))
+_ALL_KEYS = [(node, uid) for node in _NODES for uid in _UIDS]
 _operation = st.one_of(
     st.tuples(st.just("put"), _key, st.integers(1, 9)),
     st.tuples(st.just("ack"), _key, st.one_of(st.none(), st.integers(1, MAX_RV))),
-    st.tuples(st.just("ack_delete"), _key),
+    st.tuples(st.just("ack_delete"), _key, st.one_of(st.none(), st.integers(1, MAX_RV))),
     st.tuples(st.just("drop"), _key),
     st.tuples(st.just("attempt"), _key, st.integers(0, 5), st.sampled_from(["", "timeout"])),
     st.tuples(st.just("turn")),  # a reactor turn: a batch starts unless one is committing
@@ -836,11 +1120,24 @@ _operation = st.one_of(
 
 class SQLiteMatchesMemoryTests(SynchronousTestCase):
     """Any interleaving of writes, turns, commits and failed commits ends as applying the writes
-    one by one does (the in-memory store), in the file and after reopening it."""
+    one by one does (the in-memory store), in the file and after reopening it.
+
+    Tombstones included: with the default retention none expires; with a 3 s retention and a
+    5 s purge interval (each turn is 1 s) they expire, are purged, and are written to while
+    expired but not yet purged."""
 
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(_operation, max_size=50))
     def test_same_records(self, operations: list[tuple[Any, ...]]) -> None:
+        self.check(operations, {})
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(_operation, max_size=50))
+    @example([("ack_delete", ("a", "u1"), 6), *[("turn",)] * 3, ("put", ("a", "u1"), 3)])
+    def test_same_records_with_expiring_tombstones(self, operations: list[tuple[Any, ...]]) -> None:
+        self.check(operations, {"tombstone_retention": 3.0, "purge_interval": 5.0})
+
+    def check(self, operations: list[tuple[Any, ...]], timing: dict[str, float]) -> None:
         clock = ThreadlessReactor()
         pool = ManualPool()
         path = os.path.join(self.mktemp(), "cloudhub.db")
@@ -850,8 +1147,9 @@ class SQLiteMatchesMemoryTests(SynchronousTestCase):
             connect=flaky_connect,
             threadpool=pool,  # type: ignore[arg-type]
             retry_delay=1.0,
+            **timing,
         )
-        reference = MemorySyncStore()
+        reference = MemorySyncStore(clock, **timing)
         for operation in operations:
             kind = operation[0]
             if kind == "turn":
@@ -875,11 +1173,19 @@ class SQLiteMatchesMemoryTests(SynchronousTestCase):
         self.flushLoggedErrors(sqlite3.OperationalError)
         expected = reference.load()
         self.assertEqual(store.load(), expected)
+        self.assertEqual(
+            [store.deleted_version(*key) for key in _ALL_KEYS],
+            [reference.deleted_version(*key) for key in _ALL_KEYS],
+        )
         closed = store.close()
         pool.run_all()
         self.successResultOf(closed)
-        reopened = SQLiteSyncStore(path, clock)
+        reopened = SQLiteSyncStore(path, clock, **timing)
         self.assertEqual(reopened.load(), expected)
+        self.assertEqual(
+            [reopened.deleted_version(*key) for key in _ALL_KEYS],
+            [reference.deleted_version(*key) for key in _ALL_KEYS],
+        )
         self.successResultOf(reopened.close())
 
 
@@ -890,7 +1196,7 @@ def _apply(store: ISyncStore, operation: tuple[Any, ...]) -> None:
     elif kind == "ack":
         store.acknowledged(node, uid, operation[2], deleted=False)
     elif kind == "ack_delete":
-        store.acknowledged(node, uid, None, deleted=True)
+        store.acknowledged(node, uid, operation[2], deleted=True)
     elif kind == "drop":
         store.dropped(node, uid)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from cloudhub import wire
 from cloudhub.errors import CloudHubError, DecodeError
@@ -19,6 +19,13 @@ from cloudhub.model import Message
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
+
+
+# How long an acknowledged delete is remembered (seconds), so that a late older version of the
+# object is refused as stale instead of re-creating it on the edge (issue 18, finding 2).
+DEFAULT_TOMBSTONE_RETENTION = 24 * 3600.0
+# At most how often a store looks for expired tombstones to forget (seconds; on a write).
+DEFAULT_TOMBSTONE_PURGE_INTERVAL = 3600.0
 
 
 class StoreError(CloudHubError):
@@ -35,6 +42,14 @@ class StoreClosed(StoreError):
 
 class StoreSchemaError(StoreError):
     """The database file holds a schema this version of cloudhub does not know."""
+
+
+def check_seconds(name: str, value: float) -> float:
+    """``value`` as a float; :class:`StoreError` unless it is a finite number >= 0."""
+    seconds = float(value)
+    if not 0 <= seconds < float("inf"):
+        raise StoreError(f"sync store: {name} must be a number of seconds >= 0, not {value!r}")
+    return seconds
 
 
 def encode_pending(message: Message, encoded: bytes | None = None) -> str:
@@ -64,6 +79,12 @@ class SyncRecord:
     never acknowledged a versioned message). ``seq`` orders pending messages for replay after a
     restart: each ``put_pending`` takes the next number, so a superseding version goes to the
     back, as in :class:`cloudhub.queue.NodeQueue` once the old version was sent.
+
+    ``deleted_at`` is set on a *tombstone*: the edge acknowledged the object's delete at that
+    time (the store's clock, seconds since the epoch). A tombstone has no ``pending``; its
+    ``acked_version`` is the version the delete closed (see :meth:`ISyncStore.acknowledged`),
+    and versions not newer are refused as stale until it expires, ``tombstone_retention``
+    seconds later. Expired tombstones are never returned.
     """
 
     node_id: str
@@ -77,6 +98,7 @@ class SyncRecord:
     seq: int
     attempts: int
     last_error: str
+    deleted_at: float | None = None
 
 
 class ISyncStore(Interface):
@@ -86,7 +108,15 @@ class ISyncStore(Interface):
     and are durable after the next ``flush()`` fires; they raise :class:`StoreClosed` after
     ``close()``. Their effect is that of applying them one after the other, in call order,
     however an implementation batches them.
+
+    Tombstones: an acknowledged delete leaves a record (``deleted_at`` set) for
+    ``tombstone_retention`` seconds, measured on the store's clock (the reactor it was given).
+    An expired tombstone is gone for every purpose (reads, :meth:`deleted_version`, a new
+    ``put_pending``) whether or not it was purged yet; stores purge them at most every purge
+    interval, on a write.
     """
+
+    tombstone_retention = Attribute("Seconds an acknowledged delete is remembered (float).")
 
     def load() -> list[SyncRecord]:
         """Every record, ordered by ``seq``. Called once at startup, before any write; may block."""
@@ -106,13 +136,17 @@ class ISyncStore(Interface):
 
         Keeps ``acked_version``, ``attempts`` and ``last_error``; takes a new ``seq``. The
         message is captured as it is now (later changes to the object are not recorded).
+        On a tombstone it makes the record live again (``deleted_at`` cleared, ``acked_version``
+        kept); an expired tombstone is forgotten first (a new record).
         """
 
     def acknowledged(node_id: str, uid: str, version: int | None, deleted: bool) -> None:
         """The edge acknowledged: ``pending`` cleared, ``acked_version = version``, attempts reset.
 
-        ``deleted=True`` (an acknowledged delete) removes the record: the ObjectSync goes
-        (§6.4, ``saveSuccessPoint``). A record is created if there was none.
+        ``deleted=True`` (an acknowledged delete) makes the record a tombstone (``deleted_at`` =
+        now) where KubeEdge deletes the ObjectSync (§6.4, ``saveSuccessPoint``); ``version``
+        is then the newest version the delete closed (None: the tombstone refuses nothing). A
+        record is created if there was none.
         """
 
     def dropped(node_id: str, uid: str) -> None:
@@ -123,6 +157,12 @@ class ISyncStore(Interface):
 
         Cheap and coalesced: only the last value per (node, uid) is written. Ignored when there
         is no record.
+        """
+
+    def deleted_version(node_id: str, uid: str) -> int | None:
+        """The ``acked_version`` of the object's unexpired tombstone, else None.
+
+        Reflects every write handed in before the call (answered from memory: no I/O).
         """
 
     def flush() -> Deferred[None]:

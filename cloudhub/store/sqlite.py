@@ -6,6 +6,16 @@ starts on the reactor turn after the first write (``callLater(0)``), and while i
 next one accumulates. Only the writer thread touches the database once writing has begun (and
 ``load()``, at startup, before it).
 
+Tombstones (an acknowledged delete, kept ``tombstone_retention`` seconds, issue 18) are rows
+with ``deleted_at`` set. Their keys, versions and times are also kept in memory (loaded at
+open) so that :meth:`SQLiteSyncStore.deleted_version` answers without I/O. Expired ones are
+deleted by the first commit after the store opens, then at most every ``purge_interval``
+seconds, on a write, as ordinary deletes of the batch.
+
+Schema versions (``PRAGMA user_version``): 1 (cloudhub up to issue 18), 2 (adds
+``deleted_at`` and its index). A version-1 file is migrated when it is opened; a file of a
+newer version is refused.
+
 Durability (``synchronous``):
 
 * ``NORMAL`` (default): a committed batch is in the WAL file, i.e. handed to the kernel, when
@@ -35,18 +45,21 @@ from zope.interface import implementer
 
 from cloudhub.model import Message
 from cloudhub.store.interfaces import (
+    DEFAULT_TOMBSTONE_PURGE_INTERVAL,
+    DEFAULT_TOMBSTONE_RETENTION,
     ISyncStore,
     StoreClosed,
     StoreError,
     StoreSchemaError,
     SyncRecord,
+    check_seconds,
     decode_pending,
     encode_pending,
 )
 
 log = Logger()
 
-SCHEMA_VERSION = 1  # PRAGMA user_version of the files this module writes
+SCHEMA_VERSION = 2  # PRAGMA user_version of the files this module writes
 SYNCHRONOUS_MODES = ("NORMAL", "FULL", "EXTRA")
 WAL_AUTOCHECKPOINT_PAGES = 4000
 # Text of one JSON statement's rows (a row longer than this goes alone).
@@ -85,9 +98,16 @@ CREATE TABLE {_TABLE} (
     seq           INTEGER NOT NULL,
     attempts      INTEGER NOT NULL,
     last_error    TEXT NOT NULL,
+    deleted_at    REAL,           -- a tombstone: when the delete was acknowledged (schema 2)
     PRIMARY KEY (node_id, uid)
 )
 """
+# Only tombstones are indexed: purging and loading them reads nothing else.
+_TOMBSTONE_INDEX = (
+    f"CREATE INDEX {_TABLE}_deleted_at ON {_TABLE} (deleted_at) WHERE deleted_at IS NOT NULL"
+)
+# Version 1 to 2: the column goes last, as in a file created at version 2.
+_MIGRATE_1_TO_2 = (f"ALTER TABLE {_TABLE} ADD COLUMN deleted_at REAL", _TOMBSTONE_INDEX)
 # Value columns (after node_id, uid, before seq) and what a row inserted without them holds;
 # an inserted row without a seq takes the change's insert_seq.
 _NAMES = (
@@ -99,13 +119,17 @@ _NAMES = (
     "pending",
     "attempts",
     "last_error",
+    "deleted_at",
 )
-_DEFAULTS = ("", "null", "", "", None, None, 0, "")
+_DEFAULTS = ("", "null", "", "", None, None, 0, "", None)
 _UPSERT_INTO = f"INSERT INTO {_TABLE} (node_id, uid, {', '.join(_NAMES)}, seq)"
 _SELECT = (
     "SELECT node_id, uid, kind, namespace, name, resource, acked_version, pending, seq, "
-    f"attempts, last_error FROM {_TABLE}"
+    f"attempts, last_error, deleted_at FROM {_TABLE}"
 )
+# Not an expired tombstone (parameter: the oldest deleted_at still kept, exclusive).
+_LIVE = "(deleted_at IS NULL OR deleted_at > ?)"
+_PURGE = f"DELETE FROM {_TABLE} WHERE deleted_at IS NOT NULL AND deleted_at <= ?"
 
 Key = tuple[str, str]  # (node_id, uid)
 Connect = Callable[..., sqlite3.Connection]
@@ -171,6 +195,7 @@ class _Change:
 class _Batch:
     changes: dict[Key, _Change]
     waiters: list[Deferred[None]] = field(default_factory=list)
+    purge_before: float | None = None  # first delete tombstones with deleted_at <= this
 
 
 # --- database work (writer thread, or startup) -------------------------------------------------
@@ -220,8 +245,13 @@ def _upsert_sql(columns: tuple[str, ...]) -> str:
     )
 
 
-def _write_batch(conn: sqlite3.Connection, changes: dict[Key, _Change]) -> None:
+def _write_batch(
+    conn: sqlite3.Connection, changes: dict[Key, _Change], purge_before: float | None = None
+) -> None:
     """Apply one batch in one transaction. Runs in the writer thread; reads ``changes`` only.
+
+    ``purge_before``: delete the tombstones acknowledged at or before that time first (those
+    already expired when the store opened: no change of the batch is meant for them).
 
     Each group of rows goes to SQLite as one JSON array (``json_each``), one statement per
     group: ``executemany`` would take and release the GIL for every row, and with a busy
@@ -245,6 +275,8 @@ def _write_batch(conn: sqlite3.Connection, changes: dict[Key, _Change]) -> None:
     # Rows are grouped by the columns they set (in the order the writes set them).
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if purge_before is not None:
+            conn.execute(_PURGE, (purge_before,))
         if deletes:
             _apply(conn, _DELETE, _DELETE_ROW, deletes)
         for columns, rows in updates.items():
@@ -310,16 +342,51 @@ def _rollback(conn: sqlite3.Connection) -> None:
         log.failure("rollback after a failed sync store commit failed too")
 
 
-def _read(conn: sqlite3.Connection, node_id: str | None) -> list[SyncRecord]:
+def _read(conn: sqlite3.Connection, node_id: str | None, cutoff: float) -> list[SyncRecord]:
+    """Records, without the tombstones acknowledged at or before ``cutoff`` (expired)."""
     if node_id is None:
-        rows: Iterable[tuple[Any, ...]] = conn.execute(f"{_SELECT} ORDER BY seq, node_id, uid")
+        rows: Iterable[tuple[Any, ...]] = conn.execute(
+            f"{_SELECT} WHERE {_LIVE} ORDER BY seq, node_id, uid", (cutoff,)
+        )
     else:
-        rows = conn.execute(f"{_SELECT} WHERE node_id = ? ORDER BY seq, uid", (node_id,))
+        rows = conn.execute(
+            f"{_SELECT} WHERE node_id = ? AND {_LIVE} ORDER BY seq, uid", (node_id, cutoff)
+        )
     return [_record(row) for row in rows]
 
 
+def _read_tombstones(
+    conn: sqlite3.Connection, cutoff: float
+) -> dict[Key, tuple[int | None, float]]:
+    """The unexpired tombstones, oldest first: (node, uid) -> (acked_version, deleted_at)."""
+    nodes: dict[str, str] = {}  # one string per node id, not one per row
+    tombstones: dict[Key, tuple[int | None, float]] = {}
+    rows = conn.execute(
+        f"SELECT node_id, uid, acked_version, deleted_at FROM {_TABLE} "
+        "WHERE deleted_at IS NOT NULL AND deleted_at > ? ORDER BY deleted_at",
+        (cutoff,),
+    )
+    for node, uid, acked, deleted_at in rows:
+        node = nodes.setdefault(node, node)
+        tombstones[(node, uid)] = (None if acked is None else int(acked), deleted_at)
+    return tombstones
+
+
 def _record(row: tuple[Any, ...]) -> SyncRecord:
-    node, uid, kind, namespace, name, resource, acked, pending, seq, attempts, last_error = row
+    (
+        node,
+        uid,
+        kind,
+        namespace,
+        name,
+        resource,
+        acked,
+        pending,
+        seq,
+        attempts,
+        last_error,
+        deleted_at,
+    ) = row
     return SyncRecord(
         node_id=node,
         uid=uid,
@@ -332,6 +399,7 @@ def _record(row: tuple[Any, ...]) -> SyncRecord:
         seq=seq,
         attempts=attempts,
         last_error=last_error,
+        deleted_at=deleted_at,
     )
 
 
@@ -387,7 +455,18 @@ def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
                     f"(tables: {', '.join(sorted(tables))})"
                 )
             conn.execute(_SCHEMA)
+            conn.execute(_TOMBSTONE_INDEX)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version == 1:
+            # Every record stays what it was: deleted_at NULL, a live record.
+            for statement in _MIGRATE_1_TO_2:
+                conn.execute(statement)
+            conn.execute("PRAGMA user_version = 2")
+            log.info(
+                "sync store {path}: schema migrated from version 1 to 2 (tombstones); "
+                "cloudhub versions before it cannot open the file any more",
+                path=path,
+            )
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
@@ -440,6 +519,9 @@ class SQLiteSyncStore:
     ``connect`` and ``threadpool`` are for tests (a connection that fails, a pool that runs
     work at once); the store starts and stops the pool, which must have one thread.
     ``retry_delay`` is how long after a failed commit the buffered changes are tried again.
+    ``tombstone_retention`` is how long an acknowledged delete is remembered, and
+    ``purge_interval`` at most how often expired ones are looked for (seconds, on the
+    ``reactor``'s clock, which dates tombstones).
     """
 
     def __init__(
@@ -451,6 +533,8 @@ class SQLiteSyncStore:
         connect: Connect = sqlite3.connect,
         threadpool: ThreadPool | None = None,
         retry_delay: float = 1.0,
+        tombstone_retention: float = DEFAULT_TOMBSTONE_RETENTION,
+        purge_interval: float = DEFAULT_TOMBSTONE_PURGE_INTERVAL,
     ) -> None:
         mode = synchronous.upper()
         if mode not in SYNCHRONOUS_MODES:
@@ -462,11 +546,19 @@ class SQLiteSyncStore:
         self.synchronous = mode
         self._reactor = reactor
         self._retry_delay = retry_delay
+        self.tombstone_retention = check_seconds("tombstone_retention", tombstone_retention)
+        self._purge_interval = check_seconds("purge_interval", purge_interval)
         self._conn = _open(path, mode, connect)
+        # Tombstones expired now are left to the first commit (opening writes nothing, so
+        # `cloudhub sync` beside a running hub changes nothing); they are never read again.
+        self._purge_before: float | None = self._cutoff()
+        self._next_purge = float("-inf")  # the first write looks for expired ones
         try:
             self._last_seq: int = self._conn.execute(
                 f"SELECT COALESCE(MAX(seq), 0) FROM {_TABLE}"
             ).fetchone()[0]
+            # (node, uid) -> (acked_version, deleted_at), in deletion order.
+            self._tombstones = _read_tombstones(self._conn, self._purge_before)
         except sqlite3.Error as e:
             self._conn.close()
             raise StoreError(f"cannot read sync store {path}: {e}") from e
@@ -507,8 +599,8 @@ class SQLiteSyncStore:
         name: str,
         encoded: bytes | None = None,
     ) -> None:
-        if self._closed:
-            raise self._closed_error()
+        key = (node_id, uid)
+        self._before_write(key)
         self._last_seq += 1
         # Encoded now, in the reactor thread: the message may change after we return, and the
         # writer thread must not read objects the reactor thread mutates.
@@ -519,35 +611,75 @@ class SQLiteSyncStore:
             "resource": message.resource,
             "pending": encode_pending(message, encoded),
             "seq": self._last_seq,
+            "deleted_at": None,
         }
-        self._set_or_create((node_id, uid), fields)
+        self._tombstones.pop(key, None)
+        self._set_or_create(key, fields)
 
     def acknowledged(self, node_id: str, uid: str, version: int | None, deleted: bool) -> None:
-        if self._closed:
-            raise self._closed_error()
         key = (node_id, uid)
-        if deleted:
-            self._buffer[key] = _Change(delete=True)
-            self._schedule()
-            return
+        self._before_write(key)
         self._last_seq += 1  # the seq of the record if this creates it
+        deleted_at = self._reactor.seconds() if deleted else None
         fields = {
             "pending": None,
             "acked_version": None if version is None else str(version),
             "attempts": 0,
             "last_error": "",
+            "deleted_at": deleted_at,
         }
+        self._tombstones.pop(key, None)
+        if deleted_at is not None:
+            self._tombstones[key] = (version, deleted_at)  # at the back: deletion order
         self._set_or_create(key, fields)
 
     def dropped(self, node_id: str, uid: str) -> None:
-        if self._closed:
-            raise self._closed_error()
-        self._set_if_present((node_id, uid), {"pending": None})
+        key = (node_id, uid)
+        self._before_write(key)
+        self._set_if_present(key, {"pending": None})
 
     def note_attempt(self, node_id: str, uid: str, attempts: int, last_error: str) -> None:
+        key = (node_id, uid)
+        self._before_write(key)
+        self._set_if_present(key, {"attempts": attempts, "last_error": last_error})
+
+    def deleted_version(self, node_id: str, uid: str) -> int | None:
+        tombstone = self._tombstones.get((node_id, uid))
+        if tombstone is None or tombstone[1] <= self._cutoff():
+            return None
+        return tombstone[0]
+
+    def _cutoff(self) -> float:
+        """Tombstones acknowledged at or before this time are expired."""
+        return float(self._reactor.seconds()) - self.tombstone_retention
+
+    def _before_write(self, key: Key) -> None:
+        """Refuse after close; purge when due; forget ``key``'s tombstone if expired.
+
+        An expired tombstone goes as a delete of the batch, in call order with the other
+        writes, so the file ends as the in-memory store would.
+        """
         if self._closed:
             raise self._closed_error()
-        self._set_if_present((node_id, uid), {"attempts": attempts, "last_error": last_error})
+        now = float(self._reactor.seconds())
+        cutoff = now - self.tombstone_retention
+        if now >= self._next_purge:
+            self._next_purge = now + self._purge_interval
+            expired = []
+            for candidate, (_, deleted_at) in self._tombstones.items():
+                if deleted_at > cutoff:
+                    break  # deletion order: the rest are newer (see MemorySyncStore._purge)
+                expired.append(candidate)
+            for candidate in expired:
+                self._forget(candidate)
+        tombstone = self._tombstones.get(key)
+        if tombstone is not None and tombstone[1] <= cutoff:
+            self._forget(key)
+
+    def _forget(self, key: Key) -> None:
+        del self._tombstones[key]
+        self._buffer[key] = _Change(delete=True)  # whatever was buffered before: gone
+        self._schedule()
 
     def _set_or_create(self, key: Key, fields: dict[str, Any]) -> None:
         change = self._buffer.get(key)
@@ -585,11 +717,16 @@ class SQLiteSyncStore:
             for waiter in waiters:
                 waiter.callback(None)
             return
-        batch = _Batch(self._buffer, self._waiters)
-        self._buffer, self._waiters = {}, []
+        batch = _Batch(self._buffer, self._waiters, self._purge_before)
+        self._buffer, self._waiters, self._purge_before = {}, [], None
         self._inflight = batch
         done = deferToThreadPool(
-            self._reactor, self._running_pool(), _write_batch, self._conn, batch.changes
+            self._reactor,
+            self._running_pool(),
+            _write_batch,
+            self._conn,
+            batch.changes,
+            batch.purge_before,
         )
         done.addCallbacks(
             self._committed, self._commit_failed, callbackArgs=(batch,), errbackArgs=(batch,)
@@ -616,6 +753,8 @@ class SQLiteSyncStore:
             earlier = merged.get(key)
             merged[key] = later if earlier is None else earlier.then(later)
         self._buffer = merged
+        if batch.purge_before is not None:
+            self._purge_before = batch.purge_before  # still before every buffered change
         log.failure(
             "sync store {path}: commit of {count} changes failed; they stay buffered and are "
             "tried again in {delay}s",
@@ -675,7 +814,7 @@ class SQLiteSyncStore:
                 "use records() once writing has begun"
             )
         try:
-            return _read(self._conn, None)
+            return _read(self._conn, None, self._cutoff())
         except sqlite3.Error as e:
             raise StoreError(f"cannot read sync store {self.path}: {e}") from e
 
@@ -683,10 +822,12 @@ class SQLiteSyncStore:
         if self._closed:
             return fail(self._closed_error())
 
+        cutoff = self._cutoff()
+
         def read(_: None) -> Deferred[list[SyncRecord]]:
             # Queued behind the commit in the one writer thread, so it sees that commit.
             return deferToThreadPool(
-                self._reactor, self._running_pool(), _read, self._conn, node_id
+                self._reactor, self._running_pool(), _read, self._conn, node_id, cutoff
             )
 
         return self._flush().addCallback(read)
