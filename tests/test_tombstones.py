@@ -349,8 +349,9 @@ class ServiceRetentionTests(TestCase):
             await sent
         outcome: list[Any] = []
         late = hub.upstream.send("edge-1", pod_message("u", "5", "update"))
-        late.addErrback(lambda f: outcome.append(f.trap(StaleMessage)))
-        return not outcome
+        # Refused at once as stale, or accepted (and ended by the hub's stop later).
+        late.addErrback(lambda f: outcome.append(f.check(StaleMessage)))
+        return not any(outcome)
 
     async def test_default_keeps_deletes_zero_forgets_them(self) -> None:
         self.assertFalse(await self.late_retry_accepted(86400))
