@@ -168,16 +168,24 @@ def _string(part: dict[str, Any], where: str, key: str, required: bool = False) 
     return value
 
 
-def parse_document(body: bytes) -> Any:
-    """One JSON value from a request body; :class:`ApiError` (400) when it is not one."""
+def _body_text(body: bytes) -> str:
     if not body.strip():
         raise ApiError(http.BAD_REQUEST, "request body is empty: expected JSON")
     try:
-        text = body.decode("utf-8")
+        return body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ApiError(http.BAD_REQUEST, f"request body is not UTF-8 (byte {e.start})") from None
+
+
+def parse_document(body: bytes) -> Any:
+    """One JSON value from a request body; :class:`ApiError` (400) when it is not one, or when
+    it holds a value the hub refuses to carry (:class:`cloudhub.wire.InvalidValue`: a number
+    outside float64, NaN, Infinity, a lone surrogate escape), as the edges' codec does."""
+    text = _body_text(body)
     try:
-        return wire.unmarshal_value(text)
+        return wire.unmarshal_value(text, float64_ints=True)
+    except wire.InvalidValue as e:
+        raise ApiError(http.BAD_REQUEST, f"request body {e}") from None
     except DecodeError as e:
         raise ApiError(http.BAD_REQUEST, f"request body is {e}") from None
 
@@ -221,10 +229,15 @@ def message_from_document(document: Any, where: str = "request body") -> Message
         raise ApiError(http.BAD_REQUEST, "header.sync must be a boolean")
     values = {key: _string(route, "route", key, required=True) for key in _ROUTE_REQUIRED}
     values.update({key: _string(route, "route", key) for key in _ROUTE_OPTIONAL})
+    msg_id = _string(header, "header", "msg_id")
+    parent_msg_id = _string(header, "header", "parent_msg_id")
+    problem = model.msg_id_problem(msg_id, parent_msg_id)
+    if problem is not None:
+        raise ApiError(http.BAD_REQUEST, problem)
     return Message(
-        msg_id=_string(header, "header", "msg_id") or model.new_msg_id(),
+        msg_id=msg_id or model.new_msg_id(),
         timestamp=timestamp,
-        parent_msg_id=_string(header, "header", "parent_msg_id"),
+        parent_msg_id=parent_msg_id,
         resource_version=_string(header, "header", "resourceversion"),
         sync=False,  # every transport write clears it (§2.4)
         type=_string(header, "header", "type"),
@@ -236,13 +249,27 @@ def message_from_document(document: Any, where: str = "request body") -> Message
 def parse_batch(body: bytes, ndjson: bool) -> list[Any]:
     """The entries of a batch body: a JSON array, or NDJSON (one entry per line).
 
-    A body that is neither is a 400 for the whole batch; a bad *entry* is judged on its own.
+    A body that is neither is a 400 for the whole batch; a bad *entry* is judged on its own,
+    including one holding a value :func:`parse_document` refuses (a number outside float64, a
+    lone surrogate): that entry is ``invalid``, the others are judged as usual.
     """
     if not ndjson:
-        document = parse_document(body)
+        text = _body_text(body)
+        try:
+            document, suspect = wire.unmarshal_unchecked(text)
+        except DecodeError as e:
+            raise ApiError(http.BAD_REQUEST, f"request body is {e}") from None
         if not isinstance(document, list):
             raise ApiError(http.BAD_REQUEST, "request body must be a JSON array of entries")
-        return document
+        if suspect:  # rare: only then is every entry walked
+            for index, entry in enumerate(document):
+                try:
+                    problem = wire.value_problem(entry)
+                except RecursionError:
+                    problem = "the entry is nested too deeply"
+                if problem is not None:
+                    document[index] = _BadEntry(problem)
+        return document  # type: ignore[no-any-return]
     return [parse_batch_line(number, line) for number, line in batch_lines(body)]
 
 
@@ -593,6 +620,8 @@ def _record_json(record: SyncRecord) -> dict[str, Any]:
         "pending_msg_id": pending.msg_id if pending is not None else None,
         "attempts": record.attempts,
         "last_error": record.last_error or None,
+        # A tombstone (an acknowledged delete, remembered for hub.store.tombstoneRetention).
+        "deleted_at": record.deleted_at,
     }
 
 
@@ -850,40 +879,65 @@ class ApiResource(Resource):
             count = len(entries)
         results: list[dict[str, Any] | None] = [None] * count
         accepted = 0
+        unavailable: str | None = None  # once the store or the hub fails: the rest's error
+        logged = False
 
         def take(start: int) -> None:
-            nonlocal accepted
             end = min(start + BATCH_SLICE, count)
             if ndjson:
                 chunk = [parse_batch_line(number, line) for number, line in lines[start:end]]
             else:
                 chunk = entries[start:end]
-            valid: list[tuple[str, Message]] = []
-            positions: list[int] = []
             for index, entry in enumerate(chunk, start):
                 try:
-                    valid.append(batch_message(entry, index))
+                    node, message = batch_message(entry, index)
                 except ApiError as e:
                     results[index] = {"status": "invalid", "error": e.reply().body["error"]}
+                except Exception:
+                    results[index] = internal_error(None, "")
                 else:
-                    positions.append(index)
+                    results[index] = judge(node, message)
+
+        def judge(node: str, message: Message) -> dict[str, Any]:
+            # One entry per send_many() call: whatever it raises, the entries before it have
+            # their results, so the answer reports every entry's fate (never a 5xx after some
+            # were accepted). The call costs ~0.3 us of the ~50 us an entry takes.
+            nonlocal accepted, unavailable
+            if unavailable is not None:
+                return {"msg_id": message.msg_id, "status": "error", "error": unavailable}
             try:
-                outcomes = self.upstream.send_many(valid)
-            except StoreError as e:
-                raise ApiError(http.SERVICE_UNAVAILABLE, f"sync store unavailable: {e}") from None
-            except HubNotRunning as e:
-                raise ApiError(http.SERVICE_UNAVAILABLE, str(e)) from None
-            for index, (_, message), refused in zip(positions, valid, outcomes, strict=True):
-                if refused is None:
-                    accepted += 1
-                    results[index] = {"msg_id": message.msg_id, "status": "accepted"}
-                else:
-                    status = "stale" if isinstance(refused, StaleMessage) else "invalid"
-                    results[index] = {
-                        "msg_id": message.msg_id,
-                        "status": status,
-                        "error": refused.reason,
-                    }
+                [refused] = self.upstream.send_many([(node, message)])
+            except (StoreError, HubNotRunning) as e:
+                reason = f"sync store unavailable: {e}" if isinstance(e, StoreError) else str(e)
+                if not accepted:
+                    raise ApiError(http.SERVICE_UNAVAILABLE, reason) from None
+                unavailable = f"not accepted: {reason}; send it again"
+                return {"msg_id": message.msg_id, "status": "error", "error": unavailable}
+            except Exception:
+                return internal_error(message, node)
+            if refused is None:
+                accepted += 1
+                return {"msg_id": message.msg_id, "status": "accepted"}
+            status = "stale" if isinstance(refused, StaleMessage) else "invalid"
+            return {"msg_id": message.msg_id, "status": status, "error": refused.reason}
+
+        def internal_error(message: Message | None, node: str) -> dict[str, Any]:
+            nonlocal logged
+            if not logged:  # once a batch: the same bug would log for every entry
+                logged = True
+                log.failure(
+                    "unexpected error judging a batch entry ({msg_id}) for node {node}",
+                    msg_id=message.msg_id if message is not None else "-",
+                    node=node or "-",
+                )
+            result = {
+                "status": "error",
+                "error": "internal error judging this entry (logged by the hub); "
+                "treat it as not accepted and send it again",
+            }
+            if message is not None:
+                result["msg_id"] = message.msg_id
+            return result
 
         async def run() -> _Reply:
             # Once begun, a batch is judged to its end (a few reactor turns) even if the hub
@@ -1277,9 +1331,13 @@ def openapi_document(*, token_required: bool = False, metrics: bool = True) -> d
                     "application/x-ndjson, one entry per line) of entries "
                     '`{"node": <node id>, "message": <message as for sendMessage>}`. '
                     "Each entry is judged on its own, in order: accepted, stale (version not "
-                    "newer than what the node acknowledged or is owed) or invalid (malformed "
-                    "entry or message). 200 once every accepted message is durably stored; "
-                    "their delivery shows in /v1/nodes/{node}/objects."
+                    "newer than what the node acknowledged or is owed), invalid (malformed "
+                    "entry or message, including a number outside float64, NaN, Infinity, a "
+                    "lone surrogate escape or an over-long msg_id) or error (not accepted: the "
+                    "sync store failed or the hub stopped after earlier entries were accepted, "
+                    "or an internal error; send it again). 200 once every accepted message is "
+                    "durably stored; their delivery shows in /v1/nodes/{node}/objects. A 503 "
+                    "means that no entry was accepted."
                 ),
                 "requestBody": {
                     "required": True,
@@ -1368,9 +1426,12 @@ def openapi_document(*, token_required: bool = False, metrics: bool = True) -> d
                         {"$ref": "#/components/schemas/Delivered"},
                     ),
                     "400": _error_response(
-                        "Malformed JSON, a missing or mistyped field, a bad parameter, or a "
-                        "message the hub cannot deliver (no metadata.uid or resourceversion "
-                        "where needed; reason invalid)."
+                        "Malformed JSON, a missing or mistyped field, a bad parameter, a value "
+                        "the hub does not carry (a number outside float64, NaN, Infinity, a "
+                        "lone surrogate escape, a msg_id or parent_msg_id over "
+                        f"{model.MAX_MSG_ID_LENGTH} characters), or a message the hub cannot "
+                        "deliver (no metadata.uid or resourceversion where needed; reason "
+                        "invalid)."
                     ),
                     "409": _error_response(
                         "reason stale: the resourceVersion is not newer than what the node "
@@ -1563,9 +1624,14 @@ _SCHEMAS: dict[str, Any] = {
             "header": {
                 "type": "object",
                 "properties": {
-                    "msg_id": {"type": "string", "description": "Filled in (UUID) if missing."},
+                    "msg_id": {
+                        "type": "string",
+                        "maxLength": model.MAX_MSG_ID_LENGTH,
+                        "description": "Filled in (UUID) if missing.",
+                    },
                     "parent_msg_id": {
                         "type": "string",
+                        "maxLength": model.MAX_MSG_ID_LENGTH,
                         "description": "The msg_id of the edge request this one answers.",
                     },
                     "timestamp": {
@@ -1596,7 +1662,12 @@ _SCHEMAS: dict[str, Any] = {
                     },
                 },
             },
-            "content": {"nullable": True, "description": "Any JSON value; objects for k8s."},
+            "content": {
+                "nullable": True,
+                "description": "Any JSON value; objects for k8s. Numbers must be finite and "
+                "fit in a float64 (what a Go edge reads); strings must be Unicode text (no "
+                "lone surrogate escape).",
+            },
         },
     },
     "BatchEntry": {
@@ -1620,7 +1691,10 @@ _SCHEMAS: dict[str, Any] = {
                     "required": ["status"],
                     "properties": {
                         "msg_id": {"type": "string"},
-                        "status": {"type": "string", "enum": ["accepted", "stale", "invalid"]},
+                        "status": {
+                            "type": "string",
+                            "enum": ["accepted", "stale", "invalid", "error"],
+                        },
                         "error": {"type": "string"},
                     },
                 },
@@ -1732,6 +1806,13 @@ _SCHEMAS: dict[str, Any] = {
             "pending_msg_id": _NULLABLE_STRING,
             "attempts": {"type": "integer"},
             "last_error": _NULLABLE_STRING,
+            "deleted_at": {
+                "type": "number",
+                "nullable": True,
+                "description": "Unix time the node acknowledged the object's delete: a "
+                "tombstone, kept hub.store.tombstoneRetention seconds, during which versions "
+                "not newer than acked_version are refused as stale. null: not deleted.",
+            },
         },
     },
 }

@@ -148,9 +148,7 @@ def sync(args: argparse.Namespace) -> int:
     if not os.path.exists(path):
         raise CloudHubError(f"no sync store at {path} (has the hub run with this config?)")
     # The hub's retention, so that the tombstones it would forget are not shown.
-    store = SQLiteSyncStore(
-        path, reactor, tombstone_retention=config.hub.store.tombstone_retention
-    )
+    store = SQLiteSyncStore(path, reactor, tombstone_retention=config.hub.store.tombstone_retention)
     try:
         records = store.load()
     finally:

@@ -27,6 +27,7 @@ from cloudhub.errors import (
 )
 from cloudhub.interfaces import CLOSE_GOING_AWAY, CLOSE_POLICY, IConnection, IConnectionHandler
 from cloudhub.model import Message
+from cloudhub.nodeid import validate_node_id
 from cloudhub.queue import NodeQueue
 from cloudhub.session import RETRANSMIT_INTERVAL, NodeSession
 from cloudhub.stats import HubStats
@@ -272,8 +273,8 @@ class MessageHandle:
         """Queue ``message`` for ``node_id`` (connected or not); see :meth:`NodeQueue.offer`."""
         if not self.running:
             raise HubNotRunning("the hub is not running: nothing was accepted")
-        if not node_id:
-            raise InvalidMessage(node_id, "no node id")
+        if node_id not in self.queues:
+            _check_node_id(node_id)
         message = _to_wire(node_id, message)
         result = self._queue(node_id).offer(message)
         assert result is not None
@@ -293,8 +294,8 @@ class MessageHandle:
         stats = self.stats
         for node_id, message in entries:
             try:
-                if not node_id:
-                    raise InvalidMessage(node_id, "no node id")
+                if node_id not in self.queues:
+                    _check_node_id(node_id)
                 self._queue(node_id).offer(_to_wire(node_id, message), want_result=False)
             except StaleMessage as refused:
                 stats.refused_stale += 1
@@ -379,6 +380,15 @@ class MessageHandle:
             )
             for s in self.sessions.values()
         ]
+
+
+def _check_node_id(node_id: str) -> None:
+    """A message for a node that could never connect (transports refuse such ids) is refused
+    here rather than kept forever (issue 18, finding 9)."""
+    problem = validate_node_id(node_id)
+    if problem is not None:
+        shown = node_id if len(node_id) <= 64 else node_id[:64] + "..."
+        raise InvalidMessage(shown, problem)
 
 
 def _stopped_error(node_id: str) -> Callable[[str], Exception]:

@@ -50,6 +50,25 @@ NULL_NAMESPACE = "null"
 
 _UINT64_MAX = 2**64 - 1
 
+# Longest ``msg_id`` / ``parent_msg_id`` accepted from an edge or the API, in characters.
+# KubeEdge writes UUIDs (36 characters); the rest of the room is for other clients' schemes.
+MAX_MSG_ID_LENGTH = 128
+
+
+def msg_id_problem(msg_id: str, parent_msg_id: str = "") -> str | None:
+    """Why ``msg_id`` / ``parent_msg_id`` cannot be taken (too long), or None.
+
+    The one rule for every way in (WebSocket and QUIC edges, the HTTP API): at most
+    :data:`MAX_MSG_ID_LENGTH` characters. The id itself is not repeated in the answer.
+    """
+    for field, value in (("header.msg_id", msg_id), ("header.parent_msg_id", parent_msg_id)):
+        if len(value) > MAX_MSG_ID_LENGTH:
+            return (
+                f"{field} is {len(value)} characters long; at most {MAX_MSG_ID_LENGTH} are "
+                "accepted (KubeEdge writes 36-character UUIDs)"
+            )
+    return None
+
 
 def now_ms() -> int:
     """Milliseconds since the Unix epoch, the unit of ``timestamp`` (§1.1)."""

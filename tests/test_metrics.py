@@ -426,7 +426,9 @@ class LimitsCollectorTests(SynchronousTestCase):
             'cloudhub_connections_refused_total{listener="https",reason="address"} 2.0',
             'cloudhub_http_refused_total{listener="https",reason="head_timeout"} 5.0',
             'cloudhub_http_refused_total{listener="https",reason="uri_too_long"} 1.0',
-            'cloudhub_edge_connections_dropped_total{reason="bad_node_id",transport="websocket"} 4.0',
-            'cloudhub_edge_connections_dropped_total{reason="output_overflow",transport="websocket"} 1.0',
+            "cloudhub_edge_connections_dropped_total"
+            '{reason="bad_node_id",transport="websocket"} 4.0',
+            "cloudhub_edge_connections_dropped_total"
+            '{reason="output_overflow",transport="websocket"} 1.0',
         ):
             self.assertIn(line, text)

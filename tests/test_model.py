@@ -99,6 +99,22 @@ class MessageTests(SynchronousTestCase):
         self.assertFalse(model.new_keepalive().is_empty)
 
 
+class MsgIdTests(SynchronousTestCase):
+    def test_length_bound(self) -> None:
+        """One rule for edges and the API (issue 18): at most MAX_MSG_ID_LENGTH characters."""
+        self.assertGreaterEqual(model.MAX_MSG_ID_LENGTH, 36)  # a KubeEdge UUID fits
+        longest = "i" * model.MAX_MSG_ID_LENGTH
+        self.assertIsNone(model.msg_id_problem(longest, longest))
+        self.assertIsNone(model.msg_id_problem(Message.new("s", "g", "o", "r").msg_id))
+        problem = model.msg_id_problem(longest + "i")
+        assert problem is not None
+        self.assertIn(f"header.msg_id is {model.MAX_MSG_ID_LENGTH + 1} characters long", problem)
+        problem = model.msg_id_problem("", "p" * 100_000)
+        assert problem is not None
+        self.assertIn("header.parent_msg_id", problem)
+        self.assertNotIn("ppp", problem)  # the id is not repeated
+
+
 class ResourceTests(SynchronousTestCase):
     def test_target_node(self) -> None:
         self.assertEqual(model.target_node("node/edge-1/default/pod/nginx"), "edge-1")

@@ -7,12 +7,14 @@ through memory): a bad id is refused before the handler hears of the connection.
 
 from __future__ import annotations
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cloudhub.interfaces import CLOSE_POLICY
 from cloudhub.nodeid import MAX_NODE_ID_LENGTH, check_node_id, validate_node_id
 from tests.test_transport_quic import PROJECT_ID, Base, Link
 from tests.test_transport_websocket import RecordingHandler, Unit, upgrade_request
+
+from .test_api import ApiHarness, pod_body
 
 VALID = [
     "edge-node-1",
@@ -159,3 +161,26 @@ class QuicNodeIdTests(Base):
         link.header(content={"Node_id": ["edge-a", "edge-b"]})
         [(kind, connection)] = hub.handler.events
         self.assertEqual((kind, connection.node_id), ("made", "edge-a"))
+
+
+class ApiNodeIdTests(ApiHarness, TestCase):
+    """Messages for a node id no edge could ever connect with are refused (400 / invalid)."""
+
+    timeout = 60
+
+    async def test_single_and_batch(self) -> None:
+        await self.start_hub()
+        for bad in ("Edge_1", "a" * 300, "n..x"):
+            reply = await self.post(bad, pod_body("u", "1"))
+            self.assertEqual(reply.code, 400, bad[:20])
+            self.assertIn("node id", reply.json["error"])
+            self.assertLess(len(reply.json["error"]), 300)  # the id is not echoed whole
+        entries = [
+            {"node": "Bad_Node", "message": pod_body("u1", "1")},
+            {"node": "good-node", "message": pod_body("u2", "1")},
+        ]
+        reply = await self.call(b"POST", "/v1/messages", entries)
+        self.assertEqual(reply.code, 200, reply.json)
+        statuses = [entry["status"] for entry in reply.json["results"]]
+        self.assertEqual(statuses, ["invalid", "accepted"])
+        self.assertEqual(self.hub.handle.queues.keys(), {"good-node"})

@@ -248,10 +248,32 @@ class JsonFuzzTests(SynchronousTestCase):
             return rng.randbytes(rng.randint(0, 40))
 
         def run(data: bytes) -> None:
-            decode(data)
-            decode(data.decode("utf-8", "replace"))  # and as a text frame
+            # Whatever decodes must be re-encodable (issue 18: a 1e999 that decoded to
+            # infinity could never be written again, and the message vanished).
+            encode(decode(data))
+            encode(decode(data.decode("utf-8", "replace")))  # and as a text frame
 
         fuzz(self, make_input, run)
+
+    def test_values_out_of_range_are_refused_not_taken(self) -> None:
+        """Numbers past float64 and lone surrogate escapes as valid messages' content: every
+        one is refused with DecodeError, none is taken."""
+        rng = random.Random(SEED + 4)
+        valid = [encode(msg) for msg in CORPUS]
+        bad = [b"1e999", b"-1E400", b"9e+308", b"0.1e310", b'"\\ud800"', b'"a\\udfff"']
+
+        def make_input() -> bytes:
+            data = rng.choice(valid)
+            # "content" is the last key: replace its value, or wrap the bad one in an array.
+            head = data[: data.index(b'"content":') + len(b'"content":')]
+            value = rng.choice(bad)
+            return head + (value if rng.random() < 0.5 else b"[1," + value + b"]") + b"}\n"
+
+        def run(data: bytes) -> None:
+            encode(decode(data))
+
+        tried, rejected = fuzz(self, make_input, run, rejections=500)
+        self.assertEqual(tried, rejected)
 
 
 class PackerFuzzTests(SynchronousTestCase):

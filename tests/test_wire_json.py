@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cloudhub.errors import DecodeError
 from cloudhub.model import Message
-from cloudhub.wire import decode, encode, marshal_value, unmarshal_value
+from cloudhub.wire import InvalidValue, decode, encode, marshal_value, unmarshal_value
 
 ID = "f47ac10b-58cc-4372-a567-0e02b2c3d479"
 KEEPALIVE = (
@@ -307,15 +307,29 @@ class DecodeTests(SynchronousTestCase):
             error = self.assertRaises(DecodeError, decode, data)
             self.assertIn("not valid JSON", str(error))
 
+    def test_numbers_outside_float64(self) -> None:
+        """Valid JSON that Go cannot read into a float64 (nor Python write back): refused."""
+        for data in (b'{"content":[1e999]}', b'{"content":{"a":-2.5E+308}}'):
+            error = self.assertRaises(InvalidValue, decode, data)
+            self.assertIn("message holds a number out of range", str(error))
+
     def test_invalid_utf8(self) -> None:
         for data in (b'{"content":"\xff"}', b'{"content":"\xed\xa0\x80"}', b"\xc0\xaf{}"):
             error = self.assertRaises(DecodeError, decode, data)
             self.assertIn("UTF-8", str(error))
 
-    def test_escaped_lone_surrogates_become_replacement_characters_like_go(self) -> None:
-        msg = decode(b'{"header":{"msg_id":"\\ud800"},"content":{"\\uDC00":["\\ud83d\\ude00x"]}}')
-        self.assertEqual(msg.msg_id, "\ufffd")
-        self.assertEqual(msg.content, {"\ufffd": ["\U0001f600x"]})
+    def test_escaped_lone_surrogates_are_refused(self) -> None:
+        """Go would read U+FFFD; a lone surrogate is no Unicode text, so we refuse it (1007)."""
+        for data in (
+            b'{"header":{"msg_id":"\\ud800"}}',
+            b'{"content":{"\\uDC00":1}}',
+            b'{"content":["\\ud83d\\ude00x","\\udbff"]}',
+        ):
+            error = self.assertRaises(InvalidValue, decode, data)
+            self.assertIn("message holds a string with a lone UTF-16 surrogate", str(error))
+        # A pair is one character.
+        msg = decode(b'{"content":{"\\ud83d\\ude00":["\\ud83d\\ude00x"]}}')
+        self.assertEqual(msg.content, {"\U0001f600": ["\U0001f600x"]})
 
     def test_unmarshal_value(self) -> None:
         self.assertEqual(unmarshal_value(' [1,{"a":null}] '), [1, {"a": None}])

@@ -8,7 +8,18 @@ turns everything else into :class:`~cloudhub.errors.DecodeError`.
 
 Where we deliberately differ from Go (all on input Go would never produce):
 
-* invalid UTF-8 is a :class:`DecodeError` (Go would substitute U+FFFD inside strings);
+* invalid UTF-8 is a :class:`DecodeError` (Go would substitute U+FFFD inside strings), and so
+  is a string holding a lone UTF-16 surrogate escape such as ``"\\ud800"``
+  (:class:`InvalidValue`; Go would substitute U+FFFD): it is not Unicode text;
+* a number with a fraction or exponent outside float64 (``1e999``) is an
+  :class:`InvalidValue` (Python would read infinity, which JSON cannot write back; Go fails
+  when it reads the number into a message's content, a float64). Integers are read exactly,
+  so a huge one is harmless coming from an edge and taken; :func:`unmarshal_value` with
+  ``float64_ints`` (the HTTP API, whose messages go to Go edges) refuses integers past
+  float64 too. ``NaN`` and ``Infinity``, which Python's json reads by default, are not JSON;
+* ``msg_id`` and ``parent_msg_id`` longer than :data:`cloudhub.model.MAX_MSG_ID_LENGTH`
+  characters are a :class:`DecodeError` (KubeEdge writes 36-character UUIDs), except in
+  messages the hub stored itself (``decode(..., trusted=True)``);
 * anything after the JSON document other than whitespace is a :class:`DecodeError` (Go's
   streaming decoder would leave it unread);
 * keys are matched exactly; Go also matches ``"MSG_ID"`` to ``msg_id`` (case-insensitive), we
@@ -28,9 +39,29 @@ import json.encoder
 from typing import Any
 
 from cloudhub.errors import DecodeError
-from cloudhub.model import Message
+from cloudhub.model import MAX_MSG_ID_LENGTH as _MAX_ID
+from cloudhub.model import Message, msg_id_problem
 
-__all__ = ["decode", "encode", "marshal_value", "unmarshal_value"]
+__all__ = [
+    "InvalidValue",
+    "decode",
+    "encode",
+    "marshal_value",
+    "unmarshal_unchecked",
+    "unmarshal_value",
+    "value_problem",
+]
+
+
+class InvalidValue(DecodeError):
+    """Well-formed JSON holding a value the hub refuses to carry.
+
+    A number outside float64 (``1e999``: Python would read infinity, which JSON cannot write
+    back, and Go cannot read it at all) or a string with a lone UTF-16 surrogate escape
+    (``"\\ud800"``: not Unicode text). The message starts with ``holds``, to follow a subject
+    ("message holds ...", "request body holds ...").
+    """
+
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -55,11 +86,51 @@ _marshal_content = _content_encoder.encode
 
 def _reject_constant(name: str) -> Any:
     # Python's json reads NaN/Infinity; they are not JSON and Go rejects them.
-    raise ValueError(f"{name} is not valid JSON")
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
 
 
-# The C scanner itself: JSONDecoder.decode() would add two regex matches per message.
-_scan = json.JSONDecoder(parse_constant=_reject_constant).scan_once  # type: ignore[attr-defined]
+_INFINITY = float("inf")
+# A JSON integer of more digits than this may not fit in a float64 (max ~1.8e308, 309 digits).
+_FLOAT64_DIGITS = 309
+
+
+_RANGE = "numbers must be finite and fit in a float64: no NaN, no Infinity"
+
+
+def _number_text(text: str) -> str:
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def _out_of_range(text: str) -> InvalidValue:
+    return InvalidValue(f"holds a number out of range: {_number_text(text)} ({_RANGE})")
+
+
+def _finite_float(text: str) -> float:
+    # Called by the scanner only for numbers with a fraction or an exponent: rare in
+    # KubeEdge messages, absent from keepalives and ACKs. Text in JSON number syntax never
+    # reads as NaN, only as infinity (past float64).
+    value = float(text)
+    if value - value:  # nan for an infinity, 0.0 otherwise
+        raise _out_of_range(text)
+    return value
+
+
+def _finite_int(text: str) -> int:
+    if len(text) > _FLOAT64_DIGITS - 1 and float(text) in (_INFINITY, -_INFINITY):
+        raise _out_of_range(text)
+    return int(text)
+
+
+# The C scanner itself: JSONDecoder.decode() would add two regex matches per message. It
+# calls _finite_float only for numbers with a fraction or exponent (none in a keepalive or an
+# ACK); a parse_int hook would cost every message ~5 % (one Python call per integer), so
+# integers are checked only where they go to Go edges (the API: ``float64_ints``).
+_scan = json.JSONDecoder(  # type: ignore[attr-defined]
+    parse_constant=_reject_constant, parse_float=_finite_float
+).scan_once
+_scan_float64_ints = json.JSONDecoder(  # type: ignore[attr-defined]
+    parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_finite_int
+).scan_once
 _WHITESPACE = " \t\n\r"  # JSON's whitespace; str.strip() would also take other characters
 
 
@@ -166,35 +237,92 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
-def _fix_string(text: str) -> str:
+def _has_surrogate(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return _replace_surrogates(text)
-    return text
+        return True
+    return False
 
 
-def _scrub(value: Any) -> Any:
-    """Replace lone surrogates (from escapes like ``"\\ud800"``) by U+FFFD, as Go's decoder does."""
+_SURROGATE = "a string with a lone UTF-16 surrogate escape such as \\ud800 (not Unicode text)"
+_OUT_OF_RANGE = f"a number out of range ({_RANGE})"
+
+
+def _find(value: Any, path: str) -> tuple[str, str] | None:
+    """(where, what) of the first part of ``value`` the hub refuses, or None."""
     kind = value.__class__
     if kind is str:
-        return _fix_string(value)
+        return (path, _SURROGATE) if _has_surrogate(value) else None
+    if kind is float:  # inf - inf and nan - nan are nan
+        return (path, _OUT_OF_RANGE) if value - value != 0 else None
+    if kind is int:
+        if value.bit_length() > 1023 and float(str(value)) in (_INFINITY, -_INFINITY):
+            return path, _OUT_OF_RANGE
+        return None
     if kind is list:
-        return [_scrub(item) for item in value]
-    if kind is dict:
-        return {_fix_string(key): _scrub(item) for key, item in value.items()}
-    return value
+        for index, item in enumerate(value):
+            found = _find(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    elif kind is dict:
+        for key, item in value.items():
+            if _has_surrogate(key):
+                return f"a key of {path or 'the document'}", _SURROGATE
+            found = _find(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    return None
 
 
-def unmarshal_value(text: str) -> Any:
-    """One JSON value from text, read as Go's ``json.Unmarshal`` into ``interface{}`` would.
-
-    Raises :class:`DecodeError` for anything that is not exactly one JSON value.
+def value_problem(value: Any, path: str = "") -> str | None:
+    """What makes a parsed JSON value one the hub refuses (see :class:`InvalidValue`), and
+    where (``path`` names ``value``, e.g. ``"message"``), as ``"<where> holds <what>"``; None
+    when there is nothing. For values from :func:`unmarshal_unchecked`:
+    :func:`unmarshal_value` refuses them itself.
     """
+    found = _find(value, path)
+    if found is None:
+        return None
+    where, what = found
+    return f"{where or 'the document'} holds {what}"
+
+
+def _may_hold_surrogates(text: str) -> bool:
+    # Lone surrogates can only come from \uDxxx escapes; skip the walk when there are none.
+    return "\\u" in text and ("\\ud" in text or "\\uD" in text)
+
+
+def _scan_text(text: str, scan: Any) -> Any:
     if text[:1] in _WHITESPACE:  # also true for "", which the scanner then rejects
         text = text.lstrip(_WHITESPACE)
     try:
-        value, end = _scan(text, 0)
+        value, end = scan(text, 0)
+    except StopIteration as stop:
+        raise DecodeError(f"not valid JSON: expecting a value at char {stop.value}") from None
+    except ValueError as error:  # json.JSONDecodeError, int digit limits, NaN/Infinity
+        raise DecodeError(f"not valid JSON: {error}") from None
+    except RecursionError:
+        raise DecodeError("not valid JSON: nested too deeply") from None
+    if end != len(text) and text[end:].strip(_WHITESPACE):
+        raise DecodeError(f"not valid JSON: extra data at char {end}")
+    return value
+
+
+def unmarshal_value(text: str, *, float64_ints: bool = False) -> Any:
+    """One JSON value from text, read as Go's ``json.Unmarshal`` into ``interface{}`` would.
+
+    Raises :class:`DecodeError` for anything that is not exactly one JSON value, and its
+    subclass :class:`InvalidValue` for JSON the hub refuses to carry: a number with a fraction
+    or exponent outside float64 (``1e999``), a lone surrogate escape; with ``float64_ints``
+    also an integer outside float64 (310 digits or more), which a Go edge cannot read into
+    a message's content (Python reads it exactly, so it is harmless coming from an edge).
+    """
+    # _scan_text inlined: this is every message's path (keepalives included).
+    if text[:1] in _WHITESPACE:  # also true for "", which the scanner then rejects
+        text = text.lstrip(_WHITESPACE)
+    try:
+        value, end = (_scan_float64_ints if float64_ints else _scan)(text, 0)
     except StopIteration as stop:
         raise DecodeError(f"not valid JSON: expecting a value at char {stop.value}") from None
     except ValueError as error:  # json.JSONDecodeError, int digit limits, NaN/Infinity
@@ -206,10 +334,48 @@ def unmarshal_value(text: str) -> Any:
     # Lone surrogates can only come from \uDxxx escapes; skip the walk when there are none.
     if "\\u" in text and ("\\ud" in text or "\\uD" in text):
         try:
-            value = _scrub(value)
+            found = _find(value, "")
         except RecursionError:
             raise DecodeError("not valid JSON: nested too deeply") from None
+        if found is not None:
+            where, what = found
+            raise InvalidValue(f"holds {what}{' at ' + where if where else ''}")
     return value
+
+
+def unmarshal_unchecked(text: str) -> tuple[Any, bool]:
+    """Like :func:`unmarshal_value`, but what :class:`InvalidValue` refuses is kept (numbers
+    out of range, NaN and Infinity as floats or ints, lone surrogates as they are), for a
+    caller that judges parts of a document on their own (an API batch, entry by entry).
+
+    Returns the value and whether it may hold such parts: when True, check each part with
+    :func:`value_problem`; when False, nothing in it needs checking.
+    """
+    suspect: list[str] = []
+
+    def lenient_float(number: str) -> float:
+        value = float(number)
+        if value == _INFINITY or value == -_INFINITY:
+            suspect.append(number)
+        return value
+
+    def lenient_int(number: str) -> int | float:
+        if len(number) > _FLOAT64_DIGITS - 1:
+            suspect.append(number)
+            value = float(number)
+            if value == _INFINITY or value == -_INFINITY:
+                return value  # int() would refuse more than 4300 digits
+        return int(number)
+
+    def lenient_constant(name: str) -> float:
+        suspect.append(name)
+        return float(name)
+
+    scan = json.JSONDecoder(  # type: ignore[attr-defined]
+        parse_constant=lenient_constant, parse_float=lenient_float, parse_int=lenient_int
+    ).scan_once
+    value = _scan_text(text, scan)
+    return value, bool(suspect) or _may_hold_surrogates(text)
 
 
 def _bad_type(field: str, expected: str, value: Any) -> DecodeError:
@@ -238,13 +404,17 @@ def _part(value: Any, field: str) -> dict[str, Any]:
     raise _bad_type(field, "an object", value)
 
 
-def decode(data: bytes | bytearray | memoryview | str) -> Message:
+def decode(data: bytes | bytearray | memoryview | str, *, trusted: bool = False) -> Message:
     """A :class:`Message` from one WebSocket message, text or binary, ``\\n`` or not (§2.1).
 
     Accepts the blank message edgecore writes when it shuts down. Unknown keys are ignored
     and JSON ``null`` leaves a field at its default, as Go does. Raises :class:`DecodeError`,
-    naming the field, for invalid UTF-8, text that is not one JSON object, or a field of the
-    wrong type (``timestamp`` must be an integer that fits in int64).
+    naming the field, for invalid UTF-8, text that is not one JSON object, a field of the
+    wrong type (``timestamp`` must be an integer that fits in int64), a ``msg_id`` or
+    ``parent_msg_id`` over :data:`~cloudhub.model.MAX_MSG_ID_LENGTH` characters (unless
+    ``trusted``: what the hub wrote itself, e.g. the sync store's messages, which may predate
+    the limit); and :class:`InvalidValue` for a number outside float64 or a lone surrogate
+    escape, anywhere.
     """
     if data.__class__ is not str:
         try:
@@ -255,6 +425,8 @@ def decode(data: bytes | bytearray | memoryview | str) -> Message:
             ) from None
     try:
         document = unmarshal_value(data)
+    except InvalidValue as error:
+        raise InvalidValue(f"message {error}") from None
     except DecodeError as error:
         raise DecodeError(f"message is {error}") from None
     if document.__class__ is not dict:
@@ -303,6 +475,8 @@ def decode(data: bytes | bytearray | memoryview | str) -> Message:
     resource = route.get("resource")
     if resource.__class__ is not str:
         resource = _string(resource, "route.resource")
+    if (len(msg_id) > _MAX_ID or len(parent) > _MAX_ID) and not trusted:
+        raise DecodeError(msg_id_problem(msg_id, parent) or "")
 
     return Message(
         msg_id=msg_id,

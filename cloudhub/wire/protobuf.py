@@ -23,7 +23,10 @@ Mapping, as KubeEdge's ``viaduct/pkg/translator/message.go`` does it:
   no bytes or ``null`` → ``None``; bytes starting with ``{`` or ``[`` that parse as JSON → that
   object or array; other valid UTF-8 → ``str`` (so an ACK's ``OK`` comes back as ``"OK"``);
   anything else → the raw ``bytes``. A ``str`` that is itself a JSON object/array text, or
-  is ``"null"``, therefore does not survive a round trip unchanged. (Go writes nil content as
+  is ``"null"``, therefore does not survive a round trip unchanged. JSON content holding a
+  value the WebSocket lane refuses (a number outside float64, a lone surrogate escape) is
+  refused here too (:class:`~cloudhub.wire.jsonlane.InvalidValue`, 1007), and so is an id
+  over :data:`~cloudhub.model.MAX_MSG_ID_LENGTH` characters. (Go writes nil content as
   ``null``; we write nothing, which a Go receiver also reads as nil.)
 """
 
@@ -36,9 +39,9 @@ from google.protobuf.internal import api_implementation
 from google.protobuf.message import DecodeError as _ProtobufDecodeError
 
 from cloudhub.errors import DecodeError
-from cloudhub.model import Message
+from cloudhub.model import MAX_MSG_ID_LENGTH, Message, msg_id_problem
 from cloudhub.wire import message_pb2
-from cloudhub.wire.jsonlane import marshal_value, unmarshal_value
+from cloudhub.wire.jsonlane import InvalidValue, marshal_value, unmarshal_value
 from cloudhub.wire.packer import DEFAULT_MAX_PAYLOAD_SIZE, PackerDecoder, pack
 
 __all__ = [
@@ -83,6 +86,8 @@ def _content_value(raw: bytes) -> Any:
     if raw[0] in b"{[":
         try:
             return unmarshal_value(text)
+        except InvalidValue as error:
+            raise InvalidValue(f"content {error}") from None
         except DecodeError:
             return text
     return text
@@ -115,7 +120,9 @@ def message_to_protobuf(msg: Message) -> bytes:
 
 def message_from_protobuf(data: bytes | bytearray | memoryview) -> Message:
     """A :class:`Message` from protobuf bytes; :class:`DecodeError` if they are not a valid
-    viaduct ``Message`` (bad wire format, or a string field that is not UTF-8)."""
+    viaduct ``Message`` (bad wire format, or a string field that is not UTF-8), an id is over
+    :data:`~cloudhub.model.MAX_MSG_ID_LENGTH` characters, or JSON content holds a value the
+    hub refuses (:class:`~cloudhub.wire.jsonlane.InvalidValue`)."""
     proto = _ProtoMessage()
     try:
         proto.ParseFromString(data if data.__class__ is bytes else bytes(data))
@@ -123,10 +130,14 @@ def message_from_protobuf(data: bytes | bytearray | memoryview) -> Message:
         raise DecodeError(f"payload is not a valid protobuf Message: {error}") from None
     header = proto.header
     router = proto.router
+    msg_id = header.ID
+    parent = header.ParentID
+    if len(msg_id) > MAX_MSG_ID_LENGTH or len(parent) > MAX_MSG_ID_LENGTH:
+        raise DecodeError(msg_id_problem(msg_id, parent) or "")
     return Message(
-        msg_id=header.ID,
+        msg_id=msg_id,
         timestamp=header.Timestamp,
-        parent_msg_id=header.ParentID,
+        parent_msg_id=parent,
         sync=header.Sync,
         source=router.Source,
         group=router.Group,
