@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IProtocolFactory, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
@@ -45,7 +45,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from cloudhub import model, wire
-from cloudhub.certs.web import BoundedRequest
+from cloudhub.certs.web import BoundedRequest, HttpLimits, bound_http
 from cloudhub.config import HubConfig
 from cloudhub.endpoints import server_endpoint
 from cloudhub.errors import (
@@ -58,6 +58,7 @@ from cloudhub.errors import (
     Superseded,
 )
 from cloudhub.handler import NodeEvent
+from cloudhub.limits import ConnectionLimiter, DescriptorBudget
 from cloudhub.listening import ListeningService
 from cloudhub.logs import AccessLog
 from cloudhub.model import Message
@@ -1257,10 +1258,19 @@ class ApiService(ListeningService):
     """The API listener. On stop: stop listening, end event streams, answer ACK waits 503,
     close the open connections (aborting after a few seconds)."""
 
-    def __init__(self, endpoint: Any, site: ApiSite, reactor: IReactorTime) -> None:
+    def __init__(
+        self,
+        endpoint: Any,
+        site: ApiSite,
+        reactor: IReactorTime,
+        limiter: Callable[[IProtocolFactory], ConnectionLimiter] | None = None,
+    ) -> None:
         self.site = site
         self.connections = _Connections(site, reactor)
-        super().__init__("api", endpoint, self.connections)
+        # The connection caps wrap the connection record from outside: shutdown still sees
+        # every connection the API admitted.
+        self.limiter = limiter(self.connections) if limiter is not None else None
+        super().__init__("api", endpoint, self.limiter or self.connections)
 
     def stopService(self) -> Deferred[None] | None:
         stopping = super().stopService()
@@ -1279,11 +1289,37 @@ class ApiService(ListeningService):
         return gatherResults(waits).addCallback(lambda _: None)
 
 
-def api_listener(config: HubConfig, site: ApiSite, reactor: IReactorTime) -> ApiService:
-    """The API (``hub.api.endpoint``, or ``address``/``port``) serving ``site``, as a service."""
-    settings = config.hub.api
+def api_listener(
+    config: HubConfig, site: ApiSite, reactor: IReactorTime, budget: DescriptorBudget | None = None
+) -> ApiService:
+    """The API (``hub.api.endpoint``, or ``address``/``port``) serving ``site``, as a service,
+    within ``hub.limits``: request heads bounded (408/414/431), connections capped."""
+    settings, limits = config.hub.api, config.hub.limits
     endpoint = server_endpoint(reactor, settings.endpoint, settings.address, settings.port)
-    return ApiService(endpoint, site, reactor)
+    bound_http(
+        site,
+        HttpLimits(
+            head_timeout=limits.header_timeout,
+            request_timeout=None,  # a batch body may take long to send; its size is bounded
+            request_line=limits.max_request_line,
+            header_bytes=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+        ),
+        json_errors=True,
+    )
+
+    def limiter(factory: IProtocolFactory) -> ConnectionLimiter:
+        return ConnectionLimiter(
+            factory,
+            reactor,
+            max_connections=limits.api.max_connections,
+            per_address=limits.api.max_per_address,
+            reserve=limits.api.descriptor_reserve,
+            budget=budget,
+            name="api",
+        )
+
+    return ApiService(endpoint, site, reactor, limiter)
 
 
 # --- OpenAPI ---------------------------------------------------------------------------------

@@ -306,7 +306,7 @@ class CloudHubService(MultiService):
             site.access_log = config.hub.access_log
             # Added after the edge listeners, so stopped before them: no API write is
             # accepted once the hub stops.
-            self.api = self._add(api_listener(config, site, reactor))
+            self.api = self._add(api_listener(config, site, reactor, self.descriptors))
         if self.interpreter_tuning and (config.hub.gc_threshold or config.hub.switch_interval_us):
             # Added last: what it freezes includes everything built above.
             self.tuning = self._add(

@@ -73,3 +73,48 @@ class CertificatePortLimitsTests(TestCase):
         self.assertEqual(refused[(("listener", "https"), ("reason", "address"))], 1)
         timeouts = samples(metrics, "cloudhub_http_refused_total")
         self.assertGreaterEqual(timeouts[(("listener", "https"), ("reason", "head_timeout"))], 3)
+
+
+class Collect(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+class ApiLimitsTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_api_answers_414_431_and_counts_them(self):
+        data = hub_config(os.path.abspath(self.mktemp())).as_dict()
+        data["hub"]["limits"] = {"maxRequestLine": 1024, "maxHeaderBytes": 2048}
+        hub = CloudHubService(parse_config(data), reactor=reactor)
+        self.addCleanup(hub.stopService)
+        yield hub.startService()
+        api = hub.port("api")
+        answers = []
+        for request in (
+            b"GET /v1/nodes?" + b"x" * 2000 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET /v1/nodes HTTP/1.1\r\nHost: h\r\nX-Big: " + b"y" * 3000 + b"\r\n\r\n",
+        ):
+            client = Collect()
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", api), client)
+            client.transport.write(request)
+            yield client.lost  # answered, then closed by the hub
+            answers.append(client.data.split(b"\r\n", 1)[0])
+        self.assertEqual(
+            answers,
+            [b"HTTP/1.1 414 Request-URI Too Long", b"HTTP/1.1 431 Request Header Fields Too Large"],
+        )
+        metrics = yield readBody(
+            (yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{api}/metrics".encode()))
+        )
+        refused = samples(metrics, "cloudhub_http_refused_total")
+        self.assertEqual(refused[(("listener", "api"), ("reason", "uri_too_long"))], 1)
+        self.assertEqual(refused[(("listener", "api"), ("reason", "headers_too_large"))], 1)

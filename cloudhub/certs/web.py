@@ -124,6 +124,10 @@ class HttpCounters:
     bad_requests: int = 0  # 400: other malformed heads (twisted.web's own checks)
 
 
+# Status phrases twisted.web's table lacks (RFC 6585).
+_PHRASES = {431: b"Request Header Fields Too Large"}
+
+
 class BoundedChannel(http.HTTPChannel):
     """twisted.web's HTTP/1.1 channel with a deadline for the request head and exact refusals.
 
@@ -333,7 +337,7 @@ class BoundedChannel(http.HTTPChannel):
         else:
             content_type, body = TEXT, reason.encode("utf-8")
         head = [
-            b"HTTP/1.1 %d %s" % (code, http.RESPONSES.get(code, b"Error")),
+            b"HTTP/1.1 %d %s" % (code, http.RESPONSES.get(code) or _PHRASES.get(code, b"Error")),
             b"Content-Type: " + content_type,
             b"Content-Length: %d" % (len(body),),
             b"Connection: close",
