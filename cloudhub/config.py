@@ -209,6 +209,9 @@ class HubSettings:
     limits: LimitsConfig = _key("limits", LimitsConfig())
     max_message_size: int = _key("maxMessageSize", 8 * MIB, _at_least(1024))
     listen_backlog: int = _key("listenBacklog", 1024, _at_least(1))
+    # Whether an edge may connect as a node its certificate does not name (certs/identity.py):
+    # enforce (refused), warn (let in, logged and counted), off (KubeEdge's behaviour).
+    node_identity: str = _key("nodeIdentity", "warn", _one_of("enforce", "warn", "off"))
     # One log event per HTTP request (API and certificate server), in the hub's log format.
     access_log: bool = _key("accessLog", False)
     # Young-generation threshold of the garbage collector while the hub runs (tuning.py);

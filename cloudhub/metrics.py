@@ -134,6 +134,11 @@ _CERTIFICATE_COUNTERS = (
         "Certificate requests answered 429 after repeated failures",
         "rate_limited",
     ),
+    (
+        "certificate_node_names_refused",
+        "Renewals refused with 403: they asked for another node than their certificate names",
+        "node_names_refused",
+    ),
 )
 # (name after cloudhub_, help, store attribute): read when the store has the attribute
 # (SQLiteSyncStore does; the in-memory store commits nothing, so it has none of them).
@@ -403,7 +408,10 @@ _TRANSPORT_REFUSALS = (
     ("protocol_errors", "protocol_error"),
     ("write_timeouts", "write_timeout"),
     ("output_overflows", "output_overflow"),
+    ("identity_refused", "node_identity"),
 )
+# Let in under hub.nodeIdentity: warn; at zero, enforce would refuse no one.
+_IDENTITY_WARNINGS = (("identity_mismatches", "mismatch"), ("identity_unnamed", "unnamed"))
 
 # {listener name: (its ConnectionLimiter or None, its Site or None)}, read at each scrape.
 LimitSources = Callable[[], Mapping[str, tuple[Any, Any]]]
@@ -440,6 +448,12 @@ class LimitsCollector(Collector):
             "error, peer not reading (write timeout, output buffer over the cap)",
             labels=["transport", "reason"],
         )
+        identity_warnings = CounterMetricFamily(
+            "cloudhub_node_identity_warnings",
+            "Edges let in under hub.nodeIdentity: warn although their certificate names another "
+            "node (mismatch) or none (unnamed); enforce would refuse them",
+            labels=["transport", "reason"],
+        )
         http_refused = CounterMetricFamily(
             "cloudhub_http_refused",
             "HTTP requests refused by the limits: head or request not complete in time (408), "
@@ -460,7 +474,11 @@ class LimitsCollector(Collector):
                 for attribute, reason in _TRANSPORT_REFUSALS if stats is not None else ():
                     if hasattr(stats, attribute):
                         transport_refused.add_metric([name, reason], getattr(stats, attribute))
+                for attribute, reason in _IDENTITY_WARNINGS if stats is not None else ():
+                    if hasattr(stats, attribute):
+                        identity_warnings.add_metric([name, reason], getattr(stats, attribute))
         yield transport_refused
+        yield identity_warnings
         yield open_now
         yield refused
         yield http_refused

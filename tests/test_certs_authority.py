@@ -487,10 +487,39 @@ class SignTests(SynchronousTestCase):
         self.assertFalse(usage.key_cert_sign)
         self.assertEqual(cert.signature_hash_algorithm.name, "sha256")  # type: ignore[union-attr]
         self.assertTrue(0 < cert.serial_number < 2**63)
+        # Beyond cloudcore (issue 18, node identity): the node, as the one SAN, a URI.
+        san = ext(cert, x509.SubjectAlternativeName)
+        self.assertFalse(san.critical)
+        self.assertEqual(
+            list(san.value), [x509.UniformResourceIdentifier("urn:cloudhub:node:edge-node-1")]
+        )
+
+    def test_no_node_name_no_san(self) -> None:
+        """Without a node name the certificate is cloudcore's: no SAN at all."""
+        cert = x509.load_der_x509_certificate(self.authority.sign_csr(EDGECORE_CSR_DER))
+        self.assertEqual(cert.subject.rfc4514_string(), "CN=kubeedge.io,O=kubeEdge")
         self.assertRaises(
             x509.ExtensionNotFound,
             cert.extensions.get_extension_for_class,
             x509.SubjectAlternativeName,
+        )
+        self.assertEqual(len(cert.extensions), 3)
+
+    def test_node_name_validated(self) -> None:
+        for bad in ("Edge-1", "a..b", "a/b", "-a", "n\u00f6de", "x" * 254, "a." + "b" * 64):
+            e = self.assertRaises(
+                CertificateError, self.authority.sign_csr, EDGECORE_CSR_DER, None, bad
+            )
+            self.assertIn("invalid node name", str(e))
+        longest = ".".join(["a" * 63] * 3 + ["b" * 61])
+        cert = x509.load_der_x509_certificate(
+            self.authority.sign_csr(EDGECORE_CSR_DER, None, longest)
+        )
+        self.assertEqual(
+            ext(cert, x509.SubjectAlternativeName).value.get_values_for_type(
+                x509.UniformResourceIdentifier
+            ),
+            ["urn:cloudhub:node:" + longest],
         )
 
     def test_serials_differ(self) -> None:
@@ -537,7 +566,12 @@ class SignTests(SynchronousTestCase):
         )
         cert = self.sign(csr)
         self.assertEqual(cert.subject.rfc4514_string(), "CN=node,O=b,O=a")
-        self.assertEqual(len(cert.extensions), 3)  # key usage, EKU, authority key id
+        # key usage, EKU, authority key id, and the hub's SAN naming the node: only that.
+        self.assertEqual(len(cert.extensions), 4)
+        self.assertEqual(
+            list(ext(cert, x509.SubjectAlternativeName).value),
+            [x509.UniformResourceIdentifier("urn:cloudhub:node:edge-node-1")],
+        )
 
     def test_rsa_csr(self) -> None:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)

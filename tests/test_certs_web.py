@@ -22,6 +22,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cloudhub.certs.authority import CertificateAuthority, issued_by
+from cloudhub.certs.identity import certificate_node_names
 from cloudhub.certs.ratelimit import FailureLimiter
 from cloudhub.certs.tls import client_tls_options
 from cloudhub.certs.token import TokenIssuer, issue_token, make_token, split_token
@@ -118,6 +119,8 @@ class BootstrapTests(CertificateServerTestCase):
         )
         self.assertEqual(cert.not_valid_after_utc - cert.not_valid_before_utc, timedelta(days=365))
         self.assertEqual(cert.public_key(), x509.load_der_x509_csr(EDGECORE_CSR_DER).public_key())
+        # Beyond cloudcore: the certificate names the node of the NodeName header.
+        self.assertEqual(certificate_node_names(cert), ("edge-node-1",))
         self.assertEqual(self.server.site.counters.issued, 1)
         issued = [e for e in events if "issued edge certificate" in e.get("log_format", "")]
         self.assertEqual(len(issued), 1)
@@ -218,6 +221,110 @@ class RenewalTests(CertificateServerTestCase):
         self.assertEqual(response.code, 401)
 
 
+class NodeNameTests(CertificateServerTestCase):
+    """Issue 18, node identity: the certificate names the node of NodeName; a renewal keeps
+    the node its certificate names."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        await self.asyncSetUp()
+        self.key = ec.generate_private_key(ec.SECP256R1())
+
+    def client_with(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Client:
+        return Client(self, self.authority.ca_pem, pem(cert), key_pem(key))
+
+    async def named(self, node: bytes) -> x509.Certificate:
+        response = await self.edge_crt(csr_for(self.key), self.bearer(), NodeName=node)
+        self.assertEqual(response.code, 200, response.body)
+        return x509.load_der_x509_certificate(response.body)
+
+    async def test_bootstrap_names_the_node(self) -> None:
+        for node in (b"edge-a", b"edge-b.example.com"):
+            cert = await self.named(node)
+            self.assertEqual(certificate_node_names(cert), (node.decode(),))
+            # KubeEdge's subject is kept (the CSR's CN and O).
+            self.assertEqual(cert.subject.rfc4514_string(), "CN=kubeedge.io,O=kubeEdge")
+
+    async def test_invalid_node_name_400(self) -> None:
+        for node in (b"Edge-A", b"a..b", b"a/b", b"x" * 300, b"n\xc3\xb6de", b"n\xf6de", b"-a"):
+            response = await self.edge_crt(authorization=self.bearer(), NodeName=node)
+            self.assertEqual(response.code, 400, node)
+            self.assertIn(b"NodeName", response.body)
+        self.assertEqual(self.server.site.counters.bad_requests, 7)
+        self.assertEqual(self.server.site.counters.issued, 0)
+
+    async def test_token_without_node_name_400(self) -> None:
+        for node in (b"", b"   "):
+            response = await self.edge_crt(authorization=self.bearer(), NodeName=node)
+            self.assertEqual(response.code, 400)
+            self.assertIn(b"missing NodeName header", response.body)
+        response = await self.client.request(
+            self.url("/edge.crt"),
+            headers={b"Authorization": self.bearer()},
+            body=EDGECORE_CSR_DER,
+        )
+        self.assertEqual(response.code, 400)
+        self.assertEqual(self.server.site.counters.issued, 0)
+
+    async def test_first_node_name_counts(self) -> None:
+        """As Go's Header.Get: the first of repeated NodeName headers."""
+        head = (
+            b"GET /edge.crt HTTP/1.1\r\nHost: x\r\nAuthorization: " + self.bearer() + b"\r\n"
+            b"NodeName: edge-first\r\nNodename: edge-second\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % (len(EDGECORE_CSR_DER),)
+        )
+        answer = await raw_exchange(
+            self.server.port, self.authority.ca_pem, [head + EDGECORE_CSR_DER], lambda r: False
+        )
+        status, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(status.startswith(b"HTTP/1.1 200 "), status)
+        cert = x509.load_der_x509_certificate(body)
+        self.assertEqual(certificate_node_names(cert), ("edge-first",))
+
+    async def test_renewal_keeps_the_node(self) -> None:
+        cert = await self.named(b"edge-a")
+        for header in (b"edge-a", b""):
+            new_key = ec.generate_private_key(ec.SECP256R1())
+            response = await self.edge_crt(
+                csr_for(new_key), client=self.client_with(cert, self.key), NodeName=header
+            )
+            self.assertEqual(response.code, 200, response.body)
+            renewed = x509.load_der_x509_certificate(response.body)
+            self.assertEqual(certificate_node_names(renewed), ("edge-a",))
+            cert, self.key = renewed, new_key
+        self.assertEqual(self.server.site.counters.renewed, 2)
+
+    async def test_renewal_for_another_node_403(self) -> None:
+        cert = await self.named(b"edge-a")
+        response = await self.edge_crt(
+            csr_for(ec.generate_private_key(ec.SECP256R1())),
+            client=self.client_with(cert, self.key),
+            NodeName=b"edge-b",
+        )
+        self.assertEqual(response.code, 403)
+        self.assertIn(b"'edge-a'", response.body)
+        counters = self.server.site.counters
+        self.assertEqual((counters.node_names_refused, counters.cert_failures), (1, 1))
+        self.assertEqual((counters.issued, counters.renewed), (1, 0))
+        # A token does not change that: the presented certificate decides (as cloudcore).
+        response = await self.edge_crt(
+            authorization=self.bearer(), client=self.client_with(cert, self.key), NodeName=b"x"
+        )
+        self.assertEqual(response.code, 403)
+
+    async def test_renewal_of_an_unnamed_certificate_names_node_name(self) -> None:
+        """A certificate naming no node (cloudcore's from the same CA, or the hub's before node
+        identity) renews into one naming NodeName: the way existing edges get named."""
+        old = x509.load_der_x509_certificate(self.authority.sign_csr(csr_for(self.key)))
+        self.assertEqual(certificate_node_names(old), ())
+        response = await self.edge_crt(client=self.client_with(old, self.key), NodeName=b"edge-c")
+        self.assertEqual(response.code, 200, response.body)
+        self.assertEqual(
+            certificate_node_names(x509.load_der_x509_certificate(response.body)), ("edge-c",)
+        )
+        response = await self.edge_crt(client=self.client_with(old, self.key), NodeName=b"")
+        self.assertEqual(response.code, 400)
+
+
 class BadInputTests(CertificateServerTestCase):
     """Each bad request gets its status, nothing crashes, and the server goes on serving."""
 
@@ -229,7 +336,9 @@ class BadInputTests(CertificateServerTestCase):
         self.assertEqual(response.code, 200, response.body)
         fresh = Client(self, self.authority.ca_pem)
         response = await fresh.request(
-            self.url("/edge.crt"), headers={b"Authorization": self.bearer()}, body=EDGECORE_CSR_DER
+            self.url("/edge.crt"),
+            headers={b"Authorization": self.bearer(), b"NodeName": b"edge-2"},
+            body=EDGECORE_CSR_DER,
         )
         self.assertEqual(response.code, 200, response.body)
 
@@ -487,7 +596,10 @@ class RestartTests(TestCase):
         self.assertEqual((await client.request(server.url + "/ca.crt")).body, ca_before)
         response = await client.request(
             server.url + "/edge.crt",
-            headers={b"Authorization": b"Bearer " + split_token(earlier)[1].encode()},
+            headers={
+                b"Authorization": b"Bearer " + split_token(earlier)[1].encode(),
+                b"NodeName": b"edge-node-1",
+            },
             body=EDGECORE_CSR_DER,
         )
         self.assertEqual(response.code, 200, response.body)

@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cloudhub.certs.authority import CertificateAuthority, issued_by
+from cloudhub.certs.identity import certificate_node_names
 from cloudhub.certs.token import TokenIssuer, issue_token
 from cloudhub.edge.bootstrap import (
     EDGE_SUBJECT,
@@ -62,6 +63,8 @@ class BootstrapTests(TestCase):
         self.assertEqual(key.curve.name, "secp256r1")
         self.assertEqual(cert.public_key(), key.public_key())
         self.assertEqual(self.server.site.counters.issued, 1)
+        # Issue 18, node identity: the NodeName it sends is named in the certificate.
+        self.assertEqual(certificate_node_names(cert), ("edge-node-1",))
 
     async def test_given_key(self) -> None:
         key = new_key()
@@ -75,9 +78,19 @@ class BootstrapTests(TestCase):
         self.assertNotEqual(second.key_pem, first.key_pem)
         self.assertNotEqual(second.certificate.serial_number, first.certificate.serial_number)
         self.assertTrue(issued_by(second.certificate, self.authority.ca_certificate))
-        # The renewed certificate renews in turn.
-        await renew(reactor, self.server.url, second, "edge-node-1")
+        # The renewed certificate renews in turn, and keeps naming the node.
+        third = await renew(reactor, self.server.url, second, "edge-node-1")
         self.assertEqual(self.server.site.counters.renewed, 2)
+        for credentials in (first, second, third):
+            self.assertEqual(certificate_node_names(credentials.certificate), ("edge-node-1",))
+
+    async def test_renew_as_another_node_refused(self) -> None:
+        first = await bootstrap(reactor, self.server.url, self.token, "edge-node-1")
+        e = await self.assertFailure(
+            renew(reactor, self.server.url, first, "edge-node-2"), CertificateError
+        )
+        self.assertIn("HTTP 403", str(e))
+        self.assertIn("'edge-node-1'", str(e))
 
     async def test_renew_with_foreign_certificate(self) -> None:
         first = await bootstrap(reactor, self.server.url, self.token, "edge-node-1")

@@ -41,8 +41,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL.crypto import X509
 from twisted.logger import Logger
 
+from cloudhub.certs.identity import node_uri
 from cloudhub.config import HubConfig
 from cloudhub.errors import CertificateError
+from cloudhub.nodeid import validate_node_id
 
 log = Logger()
 
@@ -840,13 +842,21 @@ class CertificateAuthority:
     ) -> bytes:
         """Sign an edge's DER PKCS#10 CSR as cloudcore does (§5.2); returns the cert DER.
 
-        Only CN and O of the CSR subject are kept, no SANs, the CSR's public key; the
-        certificate lives ``edgeCertSigningDuration`` days from now. ``ext_key_usages`` are
-        Go ``x509.ExtKeyUsage`` numbers (1 ServerAuth, 2 ClientAuth); None or empty means
-        ClientAuth. A CSR that does not parse, has a bad signature, a weak key (RSA under
+        Only CN and O of the CSR subject are kept (none of its SANs), the CSR's public key;
+        the certificate lives ``edgeCertSigningDuration`` days from now. ``ext_key_usages``
+        are Go ``x509.ExtKeyUsage`` numbers (1 ServerAuth, 2 ClientAuth); None or empty means
+        ClientAuth. Beyond cloudcore, a ``node_name`` is named in the certificate as its one
+        SAN, the URI ``urn:cloudhub:node:<node_name>`` (:mod:`cloudhub.certs.identity`); it
+        must be a valid node id. Without one the certificate names no node, as cloudcore's.
+        A CSR that does not parse, has a bad signature, a weak key (RSA under
         :data:`MIN_RSA_BITS` bits, a curve not in :data:`ALLOWED_CURVES`, anything but ECDSA
-        or RSA) or asks for another usage raises :class:`CertificateError` with the reason.
+        or RSA) or asks for another usage, or an invalid ``node_name``, raises
+        :class:`CertificateError` with the reason.
         """
+        if node_name:
+            problem = validate_node_id(node_name)
+            if problem is not None:
+                raise CertificateError(f"invalid node name: {problem}")
         who = f" from node {node_name!r}" if node_name else ""
         usages = self._usages(ext_key_usages, who)
         try:
@@ -872,7 +882,7 @@ class CertificateAuthority:
         organizations = subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
         now = self.clock()
         try:
-            cert = (
+            builder = (
                 x509.CertificateBuilder()
                 .subject_name(
                     _name(
@@ -888,8 +898,12 @@ class CertificateAuthority:
                 .add_extension(_leaf_key_usage(), critical=True)
                 .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                 .add_extension(_authority_key_identifier(self.ca_certificate), critical=False)
-                .sign(self._ca_key, hashes.SHA256())
             )
+            if node_name:
+                # Not critical: the subject is not empty, and edgecore reads nothing of it.
+                names = [x509.UniformResourceIdentifier(node_uri(node_name))]
+                builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
+            cert = builder.sign(self._ca_key, hashes.SHA256())
         except ValueError as e:
             raise CertificateError(f"cannot sign the CSR{who}: {e}") from None
         return cert.public_bytes(serialization.Encoding.DER)

@@ -3,6 +3,8 @@
 ``GET /ca.crt``        the CA in DER, no authentication (§5.1);
 ``GET /edge.crt``      sign the DER CSR in the body, for a join token (``Authorization: Bearer
                        <jwt>``) or for a client certificate signed by our CA (renewal, §5.2, §5.5);
+                       the certificate names the node of the ``NodeName`` header (a renewal:
+                       the node its certificate names) (:mod:`cloudhub.certs.identity`);
 ``POST /nodeupgrade``  an upgrade report from ``keadm upgrade``: logged, handed to a hook, ``ok``;
 ``/readyz``, ``/healthz``  ``ok`` while the hub serves, 503 otherwise.
 
@@ -11,7 +13,9 @@ does not parse → 400 with the reason; a body over the limit → 413 as soon as
 so (or a chunked body crosses it), without buffering it; a missing, malformed, forged or
 expired token, or a foreign or expired client certificate → 401; repeated failures from one
 address → 429 until its budget refills; a CSR with a weak key (RSA under 2048 bits, a curve
-other than P-256/P-384) → 400 naming the key. Issuances and failures are logged and counted.
+other than P-256/P-384) → 400 naming the key; a ``NodeName`` that is not a node id, or none
+with a token → 400; a renewal for another node than its certificate's → 403. Issuances and
+failures are logged and counted.
 
 The HTTP channel (:class:`BoundedChannel`, also the API's through :func:`bound_http`) bounds
 the request head: complete within 10 s of connecting (or of the next request's first byte),
@@ -43,11 +47,13 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from cloudhub.certs.authority import CertificateAuthority
+from cloudhub.certs.identity import certificate_node_names
 from cloudhub.certs.ratelimit import FailureLimiter
 from cloudhub.certs.token import TokenIssuer
 from cloudhub.errors import CertificateError, TokenError
 from cloudhub.limits import ThrottledLog
 from cloudhub.logs import AccessLog
+from cloudhub.nodeid import validate_node_id
 
 log = Logger()
 # Refusals and timeouts of the HTTP channel, logged at most once per 10 s (an attack must not
@@ -99,6 +105,7 @@ class CertificateCounters:
     bad_requests: int = 0  # CSRs or headers answered 400
     too_large: int = 0  # bodies answered 413
     node_upgrades: int = 0  # /nodeupgrade reports accepted
+    node_names_refused: int = 0  # renewals asking for another node than their cert's: 403
 
 
 @dataclass(frozen=True)
@@ -621,6 +628,25 @@ class EdgeCertificate(_Endpoint):
                 return _respond(request, http.UNAUTHORIZED, INVALID_TOKEN)
             via = "token"
 
+        # Beyond cloudcore (issue 18, node identity): the certificate names its node.
+        named, code, problem = self._node_to_certify(request, presented)
+        if problem:
+            if code == http.FORBIDDEN:
+                self.counters.cert_failures += 1
+                self.counters.node_names_refused += 1
+                self.limiter.failed(peer)
+            else:
+                self.counters.bad_requests += 1
+            log.warn(
+                "refused /edge.crt ({via}) from {peer} (node {node!r}): {reason}",
+                via=via,
+                peer=peer,
+                node=node,
+                reason=problem,
+            )
+            return _respond(request, code, problem.encode("utf-8"))
+        node = named
+
         try:
             usages = self._ext_key_usages(request)
             der = self.authority.sign_csr(_body(request), usages, node)
@@ -647,6 +673,43 @@ class EdgeCertificate(_Endpoint):
             expiry=cert.not_valid_after_utc.isoformat(),
         )
         return _respond(request, http.OK, der, b"application/octet-stream")
+
+    @staticmethod
+    def _node_to_certify(
+        request: Request, presented: x509.Certificate | None
+    ) -> tuple[str, int, str]:
+        """The node the new certificate names, or the status and reason to refuse with.
+
+        ``NodeName`` is read as Go reads it (first value, bytes as sent, UTF-8) and must be a
+        node id (400). A renewal keeps the node its certificate names: asking for another is
+        refused (403); a certificate naming no node (cloudcore's, or ours from before node
+        identity) is renewed for ``NodeName``, as a join token would be. A request with a
+        token must say ``NodeName`` (400), as edgecore always does.
+        """
+        values = request.requestHeaders.getRawHeaders(b"nodename") or [b""]
+        try:
+            asked = values[0].strip(b" \t").decode("utf-8")
+        except UnicodeDecodeError:
+            return "", http.BAD_REQUEST, "NodeName header is not valid UTF-8"
+        if asked:
+            problem = validate_node_id(asked)
+            if problem is not None:
+                return "", http.BAD_REQUEST, f"invalid NodeName header: {problem}"
+        certified = certificate_node_names(presented)
+        if len(certified) > 1:
+            return "", http.FORBIDDEN, "the client certificate names several nodes"
+        if certified:
+            if asked and asked != certified[0]:
+                return (
+                    "",
+                    http.FORBIDDEN,
+                    f"the client certificate is for node {certified[0]!r}; "
+                    "a renewal keeps its node name",
+                )
+            return certified[0], 0, ""
+        if not asked:
+            return "", http.BAD_REQUEST, "missing NodeName header (the certificate names its node)"
+        return asked, 0, ""
 
     @staticmethod
     def _client_certificate(request: Request) -> x509.Certificate | None:

@@ -25,7 +25,9 @@ Handshake and identity:
   in any case, values lists of strings or strings). The hub answers on the same stream with
   ``operation: "response"``, content ``"ack"``; for content that is not such a map it answers
   ``"nack"`` and closes (1007); a header without ``node_id``, or whose (first) ``node_id`` is
-  not a Kubernetes node name (:mod:`cloudhub.nodeid`), closes with 1008. Afterwards every
+  not a Kubernetes node name (:mod:`cloudhub.nodeid`), closes with 1008; so does, under
+  ``node_identity`` ``enforce`` (:mod:`cloudhub.certs.identity`), a node id the client
+  certificate does not name (``warn`` lets it in, logged and counted). Afterwards every
   non-response message on the control stream is answered with ``"ack"`` and not passed on.
 * The whole setup (QUIC handshake + header) must finish within :data:`SETUP_TIMEOUT` seconds.
 * A peer that leaves what the hub sends unread (flow control keeps it queued in aioquic) is
@@ -108,6 +110,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from cloudhub.certs.authority import CertificateAuthority
+from cloudhub.certs.identity import DEFAULT_MODE, NodeIdentity
 from cloudhub.config import HubConfig
 from cloudhub.errors import CertificateError, CloudHubError, DecodeError, NodeRefused
 from cloudhub.interfaces import (
@@ -541,6 +544,11 @@ class QuicStats:
     stream_errors: int = 0
     output_overflows: int = 0  # more than max_output_buffer queued for a peer: closed
     write_timeouts: int = 0  # over BACKLOG_MARK queued for write_timeout seconds: closed
+    # Node identity (cloudhub.certs.identity): refused under enforce (1008); let in under warn
+    # with another node's certificate, or with one naming no node.
+    identity_refused: int = 0
+    identity_mismatches: int = 0
+    identity_unnamed: int = 0
 
 
 class QuicHubProtocol(DatagramProtocol):
@@ -548,7 +556,8 @@ class QuicHubProtocol(DatagramProtocol):
 
     ``handler`` is told about nodes (:class:`IConnectionHandler`), ``authority`` judges client
     certificates, ``configuration`` is the server's :class:`QuicConfiguration` (built from
-    ``authority`` when omitted).
+    ``authority`` when omitted), ``node_identity`` (``enforce``, ``warn``, ``off``) says what
+    to do with a certificate that does not name the connecting node (:attr:`identity`).
     """
 
     noisy = False
@@ -567,6 +576,7 @@ class QuicHubProtocol(DatagramProtocol):
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         max_output_buffer: int = DEFAULT_MAX_OUTPUT_BUFFER,
         retry: bool = False,
+        node_identity: str = DEFAULT_MODE,
     ) -> None:
         self.handler = handler
         self.authority = authority
@@ -584,6 +594,7 @@ class QuicHubProtocol(DatagramProtocol):
         self.connections_by_cid: dict[bytes, QuicHubConnection] = {}
         self.connections: set[QuicHubConnection] = set()
         self.stats = QuicStats()
+        self.identity = NodeIdentity(node_identity, self.stats, "QUIC")
         self._setting_up = 0  # connections in _HANDSHAKE or _HEADER
         self._dirty: list[QuicHubConnection] = []
         self._flush_call: IDelayedCall | None = None
@@ -918,6 +929,14 @@ class QuicHubProtocol(DatagramProtocol):
             )
             self.close_connection(connection, CLOSE_POLICY, f"invalid node_id header: {problem}")
             return
+        identity = self.identity
+        if identity.active:
+            # The certificate _handshake_completed verified against the CA.
+            certificate = connection.quic.peer_certificate
+            verdict = identity.admit(certificate, node_id, connection.peer)
+            if not verdict.allowed:
+                self.close_connection(connection, CLOSE_POLICY, f"node identity: {verdict.reason}")
+                return
         connection.node_id = node_id
         connection.project_id = headers.get("project_id", "")
         self._write_control(connection, new_response(message, "ack"))
@@ -1253,6 +1272,7 @@ def quic_listener(
     reactor: Reactor,
     *,
     retry: bool = False,
+    node_identity: str | None = None,
 ) -> QuicListeningService:
     """The QUIC port (``cloudHub.quic``) as a service named ``quic``.
 
@@ -1262,7 +1282,8 @@ def quic_listener(
     watchdog, not QUIC, decides when a silent node is gone; a peer that leaves more than
     :data:`BACKLOG_MARK` bytes unread for ``cloudHub.writeTimeout`` seconds is closed (1008).
     ``retry`` turns on address validation with Retry packets (one more round trip per
-    connection).
+    connection). The node a client certificate names is checked under ``node_identity``, by
+    default ``hub.nodeIdentity`` (``warn`` while the config has no such key).
     """
     check_aioquic()
     check_protobuf()
@@ -1278,6 +1299,7 @@ def quic_listener(
         write_timeout=float(config.cloudhub.write_timeout),
         max_output_buffer=config.hub.limits.max_output_buffer,
         retry=retry,
+        node_identity=node_identity or str(getattr(config.hub, "node_identity", DEFAULT_MODE)),
     )
     return QuicListeningService(
         "quic", _UDPEndpoint(reactor, settings.port, settings.address), protocol

@@ -12,15 +12,20 @@ id from ``project_id`` (any case: edgecore sends ``Node_id``/``Project_id``), re
 them: the first value of a repeated header, its bytes as sent, decoded as UTF-8 (strictly);
 the node id must be a Kubernetes node name (:mod:`cloudhub.nodeid`). No subprotocol and
 no extension is ever accepted; compression is off. The client certificate is required and
-verified against the hub's CA by the TLS options (:func:`websocket_listener`); its subject is
-not compared with the node id (§4.2).
+verified against the hub's CA by the TLS options (:func:`websocket_listener`). Beyond KubeEdge
+(§4.2 compares nothing), the node the certificate names is compared with the node id under
+the factory's ``node_identity`` mode (:mod:`cloudhub.certs.identity`): with ``enforce`` a
+certificate for another node, or naming none, gets HTTP 403 with the reason instead of the
+101 (edgecore then retries as after any failed dial, and never believes it is connected);
+``warn`` lets it in, logged and counted; ``off`` checks nothing.
 
 Contract towards the :class:`~cloudhub.interfaces.IConnectionHandler` (all calls on the reactor
 thread, never re-entrantly from ``send_message`` or ``close``):
 
 * Nothing at all is called for a connection whose TLS handshake fails (no or foreign client
   certificate), whose upgrade request is refused (no ``node_id`` header, one that is not a
-  node name or not UTF-8: HTTP 400 with the reason; a request over ``max_request_size``
+  node name or not UTF-8: HTTP 400 with the reason; a node id its certificate does not name
+  under ``enforce``: 403 with the reason; a request over ``max_request_size``
   bytes: 431, or 414 for its request line alone; not a WebSocket upgrade: 4xx), or that does
   not finish both within ``handshake_timeout`` (``hub.limits.handshakeTimeout``).
 * ``connection_made(conn)`` is called once, right after the 101 response is written and before
@@ -69,6 +74,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cloudhub.certs.authority import CertificateAuthority
+from cloudhub.certs.identity import DEFAULT_MODE, NodeIdentity
 from cloudhub.certs.tls import server_tls_options
 from cloudhub.config import HubConfig
 from cloudhub.endpoints import server_endpoint
@@ -433,6 +439,15 @@ class WebSocketHubProtocol(LeanProtocolMixin, WebSocketServerProtocol):  # type:
         problem = validate_node_id(node_id)
         if problem is not None:
             self._refuse_upgrade(peer, f"{node_id!r:.80}", f"invalid node_id header: {problem}")
+        identity = self.factory.identity
+        if identity.active:
+            # The TLS handshake is done (the request came through it): the verified chain's
+            # leaf is the peer certificate. Not a TLS transport (tests): no certificate.
+            get_certificate = getattr(self.transport, "getPeerCertificate", None)
+            certificate = get_certificate() if get_certificate is not None else None
+            verdict = identity.admit(certificate, node_id, peer)
+            if not verdict.allowed:
+                raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"node identity: {verdict.reason}")
         self.connection = WebSocketConnection(self, node_id, project_id, peer)
         return None  # no subprotocol, whatever the client offered
 
@@ -703,6 +718,11 @@ class WebSocketStats:
     protocol_errors: int = 0  # WebSocket protocol violations: closed with 1002 (1007)
     write_timeouts: int = 0  # data not taken by the peer for write_timeout: dropped
     output_overflows: int = 0  # more than max_output_buffer not taken: dropped
+    # Node identity (cloudhub.certs.identity): refused under enforce (403); let in under warn
+    # with another node's certificate, or with one naming no node.
+    identity_refused: int = 0
+    identity_mismatches: int = 0
+    identity_unnamed: int = 0
 
 
 class WebSocketHubFactory(WebSocketServerFactory):
@@ -723,6 +743,10 @@ class WebSocketHubFactory(WebSocketServerFactory):
     * ``max_output_buffer``: bytes written meanwhile (pongs included) beyond which TCP is
       aborted at once. What a connection can hold is thus at most this plus 64 KiB and the
       kernel's socket buffer.
+
+    ``node_identity`` (``enforce``, ``warn``, ``off``: ``hub.nodeIdentity``) says what to do
+    with a client certificate that does not name the connecting node (module docstring);
+    :attr:`identity` applies it.
     """
 
     protocol = WebSocketHubProtocol  # type: ignore[assignment]
@@ -738,6 +762,7 @@ class WebSocketHubFactory(WebSocketServerFactory):
         handshake_timeout: float = OPEN_HANDSHAKE_TIMEOUT,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         max_output_buffer: int = DEFAULT_MAX_OUTPUT_BUFFER,
+        node_identity: str = DEFAULT_MODE,
     ) -> None:
         if reactor is None:
             raise TypeError("WebSocketHubFactory needs the reactor")
@@ -749,6 +774,7 @@ class WebSocketHubFactory(WebSocketServerFactory):
         self.write_timeout = write_timeout
         self.max_output_buffer = max_output_buffer
         self.stats = WebSocketStats()
+        self.identity = NodeIdentity(node_identity, self.stats, "WebSocket")
         self._batched_timer = ReactorTimer(reactor)
         self.setProtocolOptions(
             webStatus=False,  # a plain GET gets 426, not Autobahn's status page
@@ -803,6 +829,8 @@ def websocket_listener(
     authority: CertificateAuthority,
     handler: IConnectionHandler,
     reactor: Reactor,
+    *,
+    node_identity: str | None = None,
 ) -> ListeningService:
     """The WebSocket port (``cloudHub.websocket``: ``endpoint``, or ``address``/``port``) with
     mutual TLS, as a service.
@@ -811,7 +839,9 @@ def websocket_listener(
     to ``hub.maxMessageSize``; the listen backlog is ``hub.listenBacklog``; a peer that leaves
     data unread for ``cloudHub.writeTimeout`` seconds, or more than
     ``hub.limits.maxOutputBuffer`` bytes, is dropped; the upgrade request is bounded by
-    ``hub.limits.websocketRequestSize`` and ``hub.limits.handshakeTimeout``.
+    ``hub.limits.websocketRequestSize`` and ``hub.limits.handshakeTimeout``; the node a
+    client certificate names is checked under ``node_identity``, by default
+    ``hub.nodeIdentity`` (``warn`` while the config has no such key).
     """
     settings = config.cloudhub.websocket
     factory = WebSocketHubFactory(
@@ -822,6 +852,7 @@ def websocket_listener(
         max_request_size=config.hub.limits.websocket_request_size,
         handshake_timeout=float(config.hub.limits.handshake_timeout),
         max_output_buffer=config.hub.limits.max_output_buffer,
+        node_identity=node_identity or str(getattr(config.hub, "node_identity", DEFAULT_MODE)),
     )
     tls = UnbufferedTLSFactory(
         server_tls_options(authority, "require"), False, factory, clock=reactor
