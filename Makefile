@@ -53,3 +53,12 @@ image:
 
 clean:
 	rm -rf $(VENV) _trial_temp* build dist *.egg-info twisted/plugins/dropin.cache
+
+# Network faults (issue 18, docs/chaos.md): root only (network namespaces, tc, iptables); the
+# hub and Python edges through loss, delay, a 60 s partition and reordering (~5 minutes).
+# Not part of `make test`.
+.PHONY: chaos
+chaos:
+	@if [ "$$(id -u)" != 0 ]; then echo "make chaos: needs root (it makes network namespaces and applies tc/iptables faults inside them): run sudo make chaos" >&2; exit 1; fi
+	$(MAKE) venv
+	$(BIN)/python tests/chaos/chaos.py $(CHAOSFLAGS)

@@ -58,7 +58,7 @@ from cloudhub.errors import (
     Superseded,
 )
 from cloudhub.handler import NodeEvent
-from cloudhub.limits import ConnectionLimiter, DescriptorBudget
+from cloudhub.limits import ConnectionLimiter, DescriptorBudget, ThrottledLog
 from cloudhub.listening import ListeningService
 from cloudhub.logs import AccessLog
 from cloudhub.model import Message
@@ -340,7 +340,12 @@ class _Delivery:
     def _done(self, result: Any) -> None:
         self.result = result
         waiters, self._waiters = self._waiters, []
-        if isinstance(result, Failure) and not waiters and self._watching:
+        if (
+            isinstance(result, Failure)
+            and not waiters
+            and self._watching
+            and not result.check(StoreError)  # not accepted (503): the store logs it
+        ):
             log.info(
                 "message {msg_id} for node {node} not delivered: {why}",
                 msg_id=self.msg_id,
@@ -661,6 +666,8 @@ class ApiResource(Resource):
         # the hub's stop lets their answers be written before it closes the connections.
         self._answering: set[Request] = set()
         self._answered_waiters: list[Deferred[None]] = []
+        # A failing store fails every write: one line per minute, not one per request.
+        self._store_failures = ThrottledLog(log, 60.0)
         self.routes = [
             Route("/v1/nodes/{node}/messages", {"POST": self._post_message}),
             Route("/v1/messages", {"POST": self._post_batch}),
@@ -849,7 +856,10 @@ class ApiResource(Resource):
                 raise ApiError(http.SERVICE_UNAVAILABLE, f"sync store unavailable: {refused.value}")
             refused.raiseException()
         accepted = {"msg_id": message.msg_id, "ack_mode": ack_mode}
-        flushed = self.upstream.flush()
+        # A no-ACK message is not stored (best effort, kept in memory only): a commit that
+        # fails meanwhile (others' messages) says nothing about it, and a 503 would be wrong,
+        # since it is queued and will be sent.
+        flushed = self.upstream.flush() if ack_mode else succeed(None)
         if wait is None:
             return flushed.addCallbacks(
                 lambda _: self._accepted(node, message, _Reply(http.ACCEPTED, accepted)),
@@ -882,6 +892,12 @@ class ApiResource(Resource):
         accepted = 0
         unavailable: str | None = None  # once the store or the hub fails: the rest's error
         logged = False
+        # Entries accepted and stored, per slice, with the flush of that slice: all of one
+        # slice's writes go to one commit, and a commit that fails refuses (rolls back) all it
+        # carried, so each slice's fate is its flush's (issue 18: a 503 or an "error" is never
+        # accepted after all).
+        stored: list[int] = []
+        flushes: list[tuple[list[int], Deferred[None]]] = []
 
         def take(start: int) -> None:
             end = min(start + BATCH_SLICE, count)
@@ -897,9 +913,12 @@ class ApiResource(Resource):
                 except Exception:
                     results[index] = internal_error(None, "")
                 else:
-                    results[index] = judge(node, message)
+                    results[index] = judge(node, message, index)
+            if stored:
+                flushes.append((stored[:], self.upstream.flush()))
+                stored.clear()
 
-        def judge(node: str, message: Message) -> dict[str, Any]:
+        def judge(node: str, message: Message, index: int) -> dict[str, Any]:
             # One entry per send_many() call: whatever it raises, the entries before it have
             # their results, so the answer reports every entry's fate (never a 5xx after some
             # were accepted). The call costs ~0.3 us of the ~50 us an entry takes.
@@ -918,6 +937,8 @@ class ApiResource(Resource):
                 return internal_error(message, node)
             if refused is None:
                 accepted += 1
+                if is_ack_mode(message.copy(resource=model.trim_resource(message.resource))):
+                    stored.append(index)
                 return {"msg_id": message.msg_id, "status": "accepted"}
             status = "stale" if isinstance(refused, StaleMessage) else "invalid"
             return {"msg_id": message.msg_id, "status": status, "error": refused.reason}
@@ -944,14 +965,37 @@ class ApiResource(Resource):
             # Once begun, a batch is judged to its end (a few reactor turns) even if the hub
             # starts stopping meanwhile: a 503 after part of it was accepted would leave the
             # client without the results of what was accepted.
+            nonlocal accepted
             for start in range(0, count, BATCH_SLICE):
                 if start:
                     await deferLater(self.reactor, 0, lambda: None)
                 take(start)
-            try:
-                await self.upstream.flush()
-            except Exception:
-                return self._flush_failed(Failure())
+            failed: Failure | None = None
+            for indices, flushed in flushes:
+                try:
+                    await flushed
+                except Exception:
+                    failed = Failure()
+                    error = (
+                        "not accepted: the sync store could not store it "
+                        f"({failed.getErrorMessage()}); send it again"
+                    )
+                    for index in indices:
+                        entry = results[index]
+                        assert entry is not None
+                        results[index] = {
+                            "msg_id": entry["msg_id"],
+                            "status": "error",
+                            "error": error,
+                        }
+                    accepted -= len(indices)
+            if failed is not None and not accepted:
+                return self._flush_failed(failed)  # 503: no entry was accepted
+            if failed is not None:
+                self._store_failures.emit(
+                    "sync store flush failed: entries of a batch not accepted: {why}",
+                    why=failed.getErrorMessage(),
+                )
             answer = {"accepted": accepted, "refused": count - accepted, "results": results}
             return _Reply(http.OK, answer)
 
@@ -967,9 +1011,9 @@ class ApiResource(Resource):
         )
         return reply
 
-    @staticmethod
-    def _flush_failed(failure: Failure) -> _Reply:
-        log.error("sync store flush failed: {why}", why=failure.getErrorMessage())
+    def _flush_failed(self, failure: Failure) -> _Reply:
+        """503: what the request carried was not accepted (the store rolled it back)."""
+        self._store_failures.emit("sync store flush failed: {why}", why=failure.getErrorMessage())
         raise ApiError(
             http.SERVICE_UNAVAILABLE,
             f"the sync store could not store the message: {failure.getErrorMessage()}",
@@ -1095,12 +1139,28 @@ class ApiResource(Resource):
         return NOT_DONE_YET
 
     def _get_readyz(self, request: Request) -> _Reply:
-        if self.ready():
-            return _Reply(http.OK, {"status": "ok"})
-        return _Reply(http.SERVICE_UNAVAILABLE, {"status": "not ready"})
+        if not self.ready():
+            return _Reply(http.SERVICE_UNAVAILABLE, {"status": "not ready"})
+        failing = self._store_failing()
+        if failing is not None:
+            # Every write would be refused (503): send no traffic here until a commit succeeds.
+            return _Reply(
+                http.SERVICE_UNAVAILABLE,
+                {"status": "not ready", "reason": f"sync store failing ({failing})"},
+            )
+        return _Reply(http.OK, {"status": "ok"})
 
     def _get_healthz(self, request: Request) -> _Reply:
+        # Liveness stays ok while the store fails: a restart frees no disk space, and the hub
+        # still serves what it holds (deliveries, ACKs, reads); it says it is degraded.
+        failing = self._store_failing()
+        if failing is not None:
+            return _Reply(http.OK, {"status": "ok", "degraded": f"sync store failing ({failing})"})
         return _Reply(http.OK, {"status": "ok"})
+
+    def _store_failing(self) -> str | None:
+        failing = getattr(self.store, "failing", None)
+        return failing if isinstance(failing, str) else None
 
     def _get_openapi(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", JSON_TYPE)
@@ -1593,15 +1653,24 @@ def openapi_document(*, token_required: bool = False, metrics: bool = True) -> d
         },
     }
     for path, summary, unready in (
-        ("/readyz", "Readiness: every listener up and the store open", True),
-        ("/healthz", "Liveness: the hub process answers", False),
+        (
+            "/readyz",
+            "Readiness: every listener up, the store open and its commits succeeding",
+            True,
+        ),
+        (
+            "/healthz",
+            "Liveness: the hub process answers (200 also while the store fails: `degraded`)",
+            False,
+        ),
     ):
         responses: dict[str, Any] = {
             "200": _json_response("ok", {"$ref": "#/components/schemas/Probe"}),
         }
         if unready:
             responses["503"] = _json_response(
-                "Starting or stopping.", {"$ref": "#/components/schemas/Probe"}
+                "Starting or stopping, or the sync store's commits fail (`reason`).",
+                {"$ref": "#/components/schemas/Probe"},
             )
         paths[path] = {
             "get": {
@@ -1649,7 +1718,17 @@ def openapi_document(*, token_required: bool = False, metrics: bool = True) -> d
 _SCHEMAS: dict[str, Any] = {
     "Probe": {
         "type": "object",
-        "properties": {"status": {"type": "string", "enum": ["ok", "not ready"]}},
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "not ready"]},
+            "reason": {
+                "type": "string",
+                "description": "Why not ready: sync store failing (the error).",
+            },
+            "degraded": {
+                "type": "string",
+                "description": "/healthz: alive, but the sync store's commits fail (the error).",
+            },
+        },
         "required": ["status"],
     },
     "Message": {

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -134,6 +134,28 @@ class Plan:
     api_nodes: int = 1000  # offline nodes the entries go to, round-robin
     api_min_messages: int = 10_000
     api_max_messages: int = 250_000
+    # Issue 18, reconnect storm under handshake admission: steady nodes heartbeating (and
+    # sent paced messages) while storm nodes are all dropped and reconnect at once, once per
+    # setting: (label, max_handshakes, handshakes per second, queue; 0 0 0 = no admission).
+    steady_nodes: int = 1000
+    admission_storm_nodes: int = 10_000
+    admission_settings: tuple[tuple[str, int, float, int], ...] = (
+        ("off", 0, 0.0, 0),
+        ("wait", 64, 0.0, 10_000),
+        ("close", 64, 0.0, 0),
+    )
+    steady_keepalive: int = 10  # the hub's keepaliveInterval in this scenario, seconds
+    steady_heartbeat: float = 5.0  # the steady nodes' keepalive period
+    steady_rate: float = 500.0  # paced messages/s to the steady nodes during each storm
+    admission_storm_budget: float = 45.0  # seconds one storm may take
+    # Issue 18, slowloris at scale on the certificate port while edges and the API work.
+    slow_connections: int = 2000
+    slow_per_address: int = 25  # from 127.0.1.x, under the per-address cap (32)
+    slow_dribble: float = 3.0  # seconds between two header bytes
+    slow_edges: int = 1000
+    slow_window: float = 10.0  # each measured window (before and during the attack)
+    slow_rate: float = 500.0  # paced msg/s to the edges in each window
+    slow_attack_seconds: float = 14.0  # at least: past hub.limits.headerTimeout (10 s)
 
 
 PLANS = {
@@ -166,13 +188,19 @@ PLANS = {
         latency_seconds=4.0,
         connect_budget=40.0,
         hold_seconds=15.0,  # one heartbeat period: every node sends one keepalive
-        budget=115.0,
+        budget=170.0,
         reserve=10.0,
         storm_budget=30.0,
         paced_timeout=15.0,
         api_seconds=3.0,
         api_min_messages=5_000,
         api_max_messages=80_000,
+        admission_storm_nodes=2000,
+        admission_settings=(("off", 0, 0.0, 0), ("wait", 64, 0.0, 10_000)),
+        admission_storm_budget=25.0,
+        slow_connections=1200,
+        slow_dribble=2.0,
+        slow_window=4.0,
     ),
     "tiny": Plan(
         mode="tiny",
@@ -201,6 +229,20 @@ PLANS = {
         api_nodes=5,
         api_min_messages=200,
         api_max_messages=400,
+        steady_nodes=3,
+        admission_storm_nodes=4,
+        admission_settings=(("off", 0, 0.0, 0), ("wait", 1, 0.0, 100)),
+        steady_keepalive=5,
+        steady_heartbeat=1.0,
+        steady_rate=20.0,
+        admission_storm_budget=10.0,
+        slow_connections=6,
+        slow_per_address=4,
+        slow_dribble=0.2,
+        slow_edges=3,
+        slow_window=0.5,
+        slow_rate=20.0,
+        slow_attack_seconds=1.0,
     ),
 }
 
@@ -586,6 +628,8 @@ class HubRunner:
             "tlsCertFile": f"{base}/none-server.crt",
             "tlsPrivateKeyFile": f"{base}/none-server.key",
         }
+        if settings.get("keepalive_interval"):
+            cloudhub["keepaliveInterval"] = int(settings["keepalive_interval"])
         if settings.get("quic"):
             cloudhub["quic"] = {"enable": True, **listen}
         api: dict[str, Any] = {"enable": False}
@@ -609,9 +653,11 @@ class HubRunner:
         # ACK-mode messages accepted by go and paced: stats.acknowledged once all are ACKed.
         self.owed = 0
         self.connects = 0  # node connections the hub accepted (the storm counts these)
+        self.watched_drops: list[str] = []  # reasons watched nodes were disconnected
         self.sequence = 0
         self.profiler: Any = None
         self.gc = GcWatch()
+        self._watch: dict[str, Any] | None = None
 
     async def start(self) -> None:
         from cloudhub.handler import EVENT_CONNECTED
@@ -619,6 +665,8 @@ class HubRunner:
         def counted(event: Any) -> None:
             if event.event == EVENT_CONNECTED:
                 self.connects += 1
+            elif self._watch is not None and event.node_id.startswith(self._watch["prefix"]):
+                self.watched_drops.append(event.reason)
 
         self.gc.install()
         self.hub.upstream.subscribe_events(counted)
@@ -679,6 +727,14 @@ class HubRunner:
             return self.profile(request["action"], request.get("path"))
         if op == "gc":
             return self.gc.take()
+        if op == "admission":
+            return self.admission(request)
+        if op == "watch":
+            return self.watch(str(request.get("prefix", "")))
+        if op == "unwatch":
+            return self.unwatch()
+        if op == "limits":
+            return self.limits()
         if op == "stats":
             stats = self.hub.handle.stats
             return {
@@ -687,6 +743,138 @@ class HubRunner:
                 if name != "ack_latency_observers"
             }
         return {"error": f"unknown op {op!r}"}
+
+    # -- issue 18 scenarios --
+
+    def admission(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Set the WebSocket listener's handshake admission (``cloudhub.limits``): the
+        :class:`HandshakeAdmission` the hub has, or one put in front of its factory now;
+        ``max_handshakes`` and ``per_second`` 0 and ``queue`` 0: none (every connection
+        admitted at accept, as without it). Answers its counters so far."""
+        from cloudhub.limits import HandshakeAdmission, websocket_handshake_done
+
+        listener = self.hub.websocket
+        port = getattr(listener, "port", None)
+        if port is None:
+            return {"error": "no WebSocket listener"}
+        factory = port.factory
+        max_handshakes = int(request.get("max_handshakes", 0))
+        per_second = float(request.get("per_second", 0))
+        queue = int(request.get("queue", 0))
+        if not isinstance(factory, HandshakeAdmission):
+            factory = HandshakeAdmission(
+                factory,
+                self.reactor,
+                max_handshakes=max_handshakes,
+                per_second=per_second,
+                queue=queue,
+                done=websocket_handshake_done,
+                name="websocket",
+            )
+            port.factory = factory  # what tcp.Port calls buildProtocol on
+        else:
+            factory.configure(max_handshakes=max_handshakes, per_second=per_second, queue=queue)
+        return {"counters": asdict(factory.counters), "installed": True}
+
+    def _admission_counters(self) -> dict[str, Any] | None:
+        from cloudhub.limits import HandshakeAdmission
+
+        port = getattr(self.hub.websocket, "port", None)
+        factory = getattr(port, "factory", None)
+        return asdict(factory.counters) if isinstance(factory, HandshakeAdmission) else None
+
+    def watch(self, prefix: str) -> dict[str, Any]:
+        """Start watching what established nodes get: the reactor's lateness (a 20 ms
+        timer), the age of the newest keepalive of each node named ``prefix…`` (sampled every
+        0.25 s) and the hub's keepalive timeouts."""
+        from twisted.internet.task import LoopingCall
+
+        self.unwatch()
+        self.watched_drops = []
+        stats = self.hub.handle.stats
+        state: dict[str, Any] = {
+            "lags": [],
+            "oldest": 0.0,
+            "timeouts": stats.keepalive_timeouts,
+            "prefix": prefix,
+            "missing": 0,
+            "nodes": 0,
+        }
+        clock = time.perf_counter
+        interval = 0.02
+        last = [clock()]
+
+        def tick() -> None:
+            now = clock()
+            state["lags"].append(max(now - last[0] - interval, 0.0))
+            last[0] = now
+
+        def sample() -> None:
+            now = self.reactor.seconds()
+            oldest = state["oldest"]
+            nodes = 0
+            for node_id, session in self.hub.handle.sessions.items():
+                if not node_id.startswith(prefix):
+                    continue
+                nodes += 1
+                seen = session.last_keepalive
+                if seen is not None and now - seen > oldest:
+                    oldest = now - seen
+            state["oldest"] = oldest
+            state["nodes"] = max(state["nodes"], nodes)
+
+        ticker = LoopingCall(tick)
+        ticker.clock = self.reactor
+        sampler = LoopingCall(sample)
+        sampler.clock = self.reactor
+        ticker.start(interval, now=False)
+        sampler.start(0.25, now=True)
+        state["loops"] = (ticker, sampler)
+        state["cpu"] = time.process_time()
+        self._watch = state
+        return {"watching": prefix}
+
+    def unwatch(self) -> dict[str, Any]:
+        state, self._watch = self._watch, None
+        if state is None:
+            return {"watching": False}
+        for loop in state["loops"]:
+            if loop.running:
+                loop.stop()
+        prefix = state["prefix"]
+        still = sum(1 for node in self.hub.handle.sessions if node.startswith(prefix))
+        lags = [lag * 1000 for lag in state["lags"]]
+        return {
+            "reactor_lag_p50_ms": percentile(lags, 50),
+            "reactor_lag_p99_ms": percentile(lags, 99),
+            "reactor_lag_max_ms": max(lags) if lags else None,
+            "oldest_keepalive_s": round(state["oldest"], 2),
+            "keepalive_timeouts": self.hub.handle.stats.keepalive_timeouts - state["timeouts"],
+            "watched_dropped": len(self.watched_drops),
+            "watched_keepalive_timeouts": sum(
+                1 for reason in self.watched_drops if "keepalive" in reason
+            ),
+            "watched_nodes": state["nodes"],
+            "watched_connected_after": still,
+            "cpu_seconds": time.process_time() - state["cpu"],
+            "admission": self._admission_counters(),
+        }
+
+    def limits(self) -> dict[str, Any]:
+        """The certificate server's and the API's connection counters and HTTP refusals."""
+        answer: dict[str, Any] = {}
+        limiter = self.hub.https_limiter
+        if limiter is not None:
+            answer["https"] = {**asdict(limiter.counters), "open": limiter.open}
+        site = self.hub.certificate_site
+        counters = getattr(site, "http_counters", None)
+        if counters is not None:
+            answer["https_http"] = asdict(counters)
+        api = self.hub.api
+        api_limiter = getattr(api, "limiter", None)
+        if api_limiter is not None:
+            answer["api"] = {**asdict(api_limiter.counters), "open": api_limiter.open}
+        return answer
 
     def _message(self) -> Any:
         """A fresh ACK-mode pod insert for its own object (§6.3: ACK mode, new uid)."""
@@ -1102,6 +1290,7 @@ class HubProcess(ProcessProtocol):
         api: bool = False,
         cpus: list[int] | None = None,
         go_batch: int = 1000,
+        keepalive_interval: int = 0,
     ) -> HubProcess:
         hub = cls(reactor, err)
         hub._data_dir = tempfile.mkdtemp(prefix="cloudhub-bench-")
@@ -1113,6 +1302,7 @@ class HubProcess(ProcessProtocol):
             "api": api,
             "cpus": cpus,
             "go_batch": go_batch,
+            "keepalive_interval": keepalive_interval,
         }
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         path = os.environ.get("PYTHONPATH", "")
@@ -1442,7 +1632,9 @@ class Bench:
             await hub.stop()
         self.hubs = []
 
-    async def start_hub(self, transport: str, node_limit: int, api: bool = False) -> HubProcess:
+    async def start_hub(
+        self, transport: str, node_limit: int, api: bool = False, keepalive_interval: int = 0
+    ) -> HubProcess:
         hub = HubProcess.start(
             self.reactor,
             self.err,
@@ -1452,6 +1644,7 @@ class Bench:
             api=api,
             cpus=self.pins.get("hub_cpus") if self.pins.get("enabled") else None,
             go_batch=self.plan.go_batch,
+            keepalive_interval=keepalive_interval,
         )
         self.hubs.append(hub)
         ready = hub.ready
@@ -1486,7 +1679,13 @@ class Bench:
         gc.collect()
 
     async def connect(
-        self, transport: str, hub: HubProcess, concurrency: int | None = None
+        self,
+        transport: str,
+        hub: HubProcess,
+        concurrency: int | None = None,
+        *,
+        prefix: str = NODE_PREFIX,
+        heartbeat: float | None = None,
     ) -> Simulator:
         """A simulator with the hub's certificate (bootstrapped with its token), no nodes yet."""
         info = hub.info
@@ -1506,8 +1705,8 @@ class Bench:
             "127.0.0.1",
             port,
             credentials,
-            prefix=NODE_PREFIX,
-            heartbeat=self.plan.heartbeat,
+            prefix=prefix,
+            heartbeat=heartbeat or self.plan.heartbeat,
             concurrency=concurrency or self.plan.concurrency,
             # The bench times send → ACK in the hub; the edges' own estimate is not read.
             track_latency=False,
@@ -1553,7 +1752,19 @@ class Bench:
         result: dict[str, Any] = {"transport": name, "available": True, "runs_done": len(runs)}
         result.update(median_of(runs))
         result["runs"] = runs
+        if transport == "ws" and api:
+            # Issue 18's scenarios: once, after the runs (not figures of issue 9).
+            result["admission_storm"] = await self._scenario(self.admission_storm)
+            result["slowloris"] = await self._scenario(self.slowloris)
         return result
+
+    async def _scenario(self, scenario: Callable[[], Any]) -> dict[str, Any] | None:
+        try:
+            return await scenario()  # type: ignore[no-any-return]
+        except CloudHubError as e:
+            self.note(f"{scenario.__name__}: {e}")
+            await self.cleanup()
+            return None
 
     # -- connections --
 
@@ -1767,6 +1978,312 @@ class Bench:
             if now > deadline:
                 return count, "the time budget of the connection phase ran out"
             await _sleep(self.reactor, 0.1)
+
+    # -- issue 18: reconnect storm under handshake admission --
+
+    async def admission_storm(self) -> dict[str, Any] | None:
+        """Steady nodes heartbeating, and sent paced messages, while every storm node is
+        dropped at once and reconnects at once; once per ``plan.admission_settings`` on the
+        same hub. Per setting: the storm's seconds, the steady nodes' keepalive timeouts, the
+        age of their oldest keepalive, send → ACK to them, the hub's reactor lateness."""
+        plan = self.plan
+        capacity, capped_by = node_capacity()
+        storm_nodes = min(plan.admission_storm_nodes, max(capacity - plan.steady_nodes, 0))
+        needed = 10.0 + len(plan.admission_settings) * (plan.admission_storm_budget + 5)
+        if storm_nodes <= 0 or self.remaining() < needed / 2 + plan.reserve:
+            self.note("reconnect storm under admission skipped: time budget or capacity")
+            return None
+        total = plan.steady_nodes + storm_nodes
+        hub = await self.start_hub(
+            "ws", node_limit=total + 10, keepalive_interval=plan.steady_keepalive
+        )
+        steady = await self.connect("ws", hub, prefix="steady-", heartbeat=plan.steady_heartbeat)
+        storm = await self.connect("ws", hub, prefix="storm-", heartbeat=plan.steady_heartbeat)
+        phase_deadline = min(time.monotonic() + 60.0, self.deadline - plan.reserve)
+        self.say(f"admission storm: {plan.steady_nodes:,} steady + {storm_nodes:,} storm nodes")
+        steady.grow(plan.steady_nodes)
+        storm.grow(storm_nodes)
+        count, why = await self._wait_count(hub, total, phase_deadline)
+        result: dict[str, Any] = {
+            "steady_nodes": plan.steady_nodes,
+            "storm_nodes": storm_nodes,
+            "keepalive_interval": plan.steady_keepalive,
+            "heartbeat": plan.steady_heartbeat,
+            "steady_rate": plan.steady_rate,
+            "storm_concurrency": min(plan.storm_concurrency, storm_nodes),
+            "capacity": capacity,
+            "capacity_limited_by": capped_by,
+            "settings": [],
+        }
+        try:
+            if count < total:
+                self.note(f"admission storm: {count:,} of {total:,} nodes connected: {why}")
+                return result
+            await _sleep(self.reactor, plan.settle_seconds)
+            for label, max_handshakes, per_second, queue in plan.admission_settings:
+                if self.remaining() < plan.admission_storm_budget + plan.reserve:
+                    self.note(f"admission storm: setting {label!r} skipped: time budget")
+                    break
+                one = await self._admission_round(
+                    hub, steady, storm, label, max_handshakes, per_second, queue
+                )
+                result["settings"].append(one)
+        finally:
+            await self.stop_hub(hub, storm)
+            await steady.stop()
+            if steady in self.simulators:
+                self.simulators.remove(steady)
+        return result
+
+    async def _admission_round(
+        self,
+        hub: HubProcess,
+        steady: Simulator,
+        storm: Simulator,
+        label: str,
+        max_handshakes: int,
+        per_second: float,
+        queue: int,
+    ) -> dict[str, Any]:
+        plan = self.plan
+        own_pid = os.getpid()
+        set_to = await hub.request(
+            "admission", max_handshakes=max_handshakes, per_second=per_second, queue=queue
+        )
+        before_admission = set_to["counters"]
+        # Paced messages to the steady nodes for as long as a storm may take, at most.
+        paced_seconds = max(plan.latency_seconds, 2.0)
+        messages = max(1, int(plan.steady_rate * paced_seconds))
+        await hub.request(
+            "prepare", wait=120.0, prefix="steady-", nodes=plan.steady_nodes, messages=messages
+        )
+        self._quiet_edges()
+        await hub.request("watch", prefix="steady-")
+        before = await hub.request("count")
+        hub_cpu, edge_cpu = cpu_seconds(hub.pid), cpu_seconds(own_pid)
+        counters = listen_counters()
+        paced = hub.request(
+            "paced",
+            wait=paced_seconds + plan.paced_timeout + 60.0,
+            rate=plan.steady_rate,
+            timeout=plan.paced_timeout,
+        )
+        began = time.monotonic()
+        dropped, _ = storm.drop_all(min(plan.storm_concurrency, len(storm.nodes)))
+        wanted = before["connects"] + dropped
+        total = before["connected"]
+        deadline = min(began + plan.admission_storm_budget, self.deadline - plan.reserve)
+        why = ""
+        while True:
+            count = await hub.request("count")
+            if count["connects"] >= wanted and count["connected"] >= total:
+                break
+            if time.monotonic() > deadline:
+                why = f"not all reconnected within {plan.admission_storm_budget:g} s"
+                break
+            await _sleep(self.reactor, 0.05)
+        seconds = time.monotonic() - began
+        hub_cpu, edge_cpu = cpu_seconds(hub.pid) - hub_cpu, cpu_seconds(own_pid) - edge_cpu
+        after = listen_counters()
+        answer = await paced
+        # The watch covers the storm and the paced run, whichever is longer, plus one
+        # heartbeat period after it (a keepalive late because of the storm shows then).
+        await _sleep(self.reactor, plan.steady_heartbeat)
+        watched = await hub.request("unwatch")
+        reconnected = min(count["connects"] - before["connects"], dropped)
+        admission = watched.get("admission") or {}
+        delta = {
+            k: admission.get(k, 0) - before_admission.get(k, 0)
+            for k in ("admitted", "queued", "refused", "expired", "slot_timeouts")
+        }
+        one = {
+            "setting": label,
+            "max_handshakes": max_handshakes,
+            "handshakes_per_second": per_second,
+            "queue": queue,
+            "dropped": dropped,
+            "reconnected": reconnected,
+            "complete": not why,
+            "storm_seconds": round(seconds, 2),
+            "handshakes_per_s": round(reconnected / seconds, 1) if seconds > 0 else None,
+            "keepalive_timeouts": watched["watched_keepalive_timeouts"],
+            "steady_dropped": watched["watched_dropped"],
+            "all_keepalive_timeouts": watched["keepalive_timeouts"],
+            "steady_connected_after": watched["watched_connected_after"],
+            "oldest_keepalive_s": watched["oldest_keepalive_s"],
+            "reactor_lag_p99_ms": _round(watched["reactor_lag_p99_ms"], 1),
+            "reactor_lag_max_ms": _round(watched["reactor_lag_max_ms"], 1),
+            "steady_sent": answer["sent"],
+            "steady_acked": answer["acked"],
+            "steady_p50_ms": _round(answer["p50_ms"], 1),
+            "steady_p99_ms": _round(answer["p99_ms"], 1),
+            "steady_max_ms": _round(answer["max_ms"], 1),
+            "hub_cpu_util": round(hub_cpu / seconds, 2) if seconds > 0 else None,
+            "edge_cpu_util": round(edge_cpu / seconds, 2) if seconds > 0 else None,
+            "admission": delta,
+            "peak_waiting": admission.get("peak_waiting"),
+            "edge_connect_failures": storm.snapshot()["connect_failures"],
+            "listen_overflows": sum(after[k] - counters.get(k, 0) for k in after),
+        }
+        self.say(
+            f"admission storm [{label}]: {reconnected:,}/{dropped:,} in {seconds:.1f} s; "
+            f"steady: {one['keepalive_timeouts']} keepalive timeouts, oldest keepalive "
+            f"{one['oldest_keepalive_s']} s, send → ACK p99 {one['steady_p99_ms']} ms; hub "
+            f"reactor lag p99 {one['reactor_lag_p99_ms']} ms, max {one['reactor_lag_max_ms']} ms"
+        )
+        if why:
+            self.note(f"admission storm [{label}]: {reconnected:,} of {dropped:,}: {why}")
+        # Everyone back before the next setting (a refused node retries with its backoff).
+        await self._wait_count(hub, total, min(time.monotonic() + 30.0, self.deadline))
+        await _sleep(self.reactor, plan.settle_seconds)
+        return one
+
+    # -- issue 18: slowloris at scale on the certificate port --
+
+    async def slowloris(self) -> dict[str, Any] | None:
+        """``slow_connections`` TLS connections to the certificate port, each sending one
+        header byte every ``slow_dribble`` s (and connecting again when cut), from 127.0.1.x,
+        ``slow_per_address`` per address, while ``slow_edges`` edges are sent paced messages
+        and the API is asked ``/healthz`` one request at a time: both measured for
+        ``slow_window`` s before and during the attack."""
+        plan = self.plan
+        needed = 2 * plan.slow_window + 15.0
+        if self.remaining() < needed + plan.reserve:
+            self.note("slowloris skipped: time budget")
+            return None
+        hub = await self.start_hub("ws", node_limit=plan.slow_edges + 10, api=True)
+        simulator = await self.connect("ws", hub)
+        attack: _Slowloris | None = None
+        try:
+            simulator.grow(plan.slow_edges)
+            phase_deadline = min(time.monotonic() + 60.0, self.deadline - plan.reserve)
+            count, why = await self._wait_count(hub, plan.slow_edges, phase_deadline)
+            if count < plan.slow_edges:
+                self.note(f"slowloris: {count:,} of {plan.slow_edges:,} edges connected: {why}")
+                return None
+            self.say(f"slowloris: baseline, {plan.slow_edges:,} edges and the API")
+            baseline = await self._slow_window(hub)
+            limits_before = await hub.request("limits")
+            attack = _Slowloris(
+                self.reactor,
+                hub.info["ports"]["https"],
+                plan.slow_connections,
+                plan.slow_per_address,
+                plan.slow_dribble,
+            )
+            self.say(
+                f"slowloris: {plan.slow_connections:,} slow connections, one byte every "
+                f"{plan.slow_dribble:g} s"
+            )
+            attack.start()
+            attack_began = time.monotonic()
+            ramp = max(plan.slow_dribble, 1.0) + 1.0
+            await _sleep(self.reactor, ramp)
+            held_at_start = attack.holding
+            during = await self._slow_window(hub)
+            await _sleep(self.reactor, plan.slow_attack_seconds - (time.monotonic() - attack_began))
+            held_at_end = attack.holding
+            limits_after = await hub.request("limits")
+            figures = attack.stop()
+            attack_seconds = round(time.monotonic() - attack_began, 1)
+            attack = None
+        finally:
+            if attack is not None:
+                attack.stop()
+            await self.stop_hub(hub, simulator)
+
+        def delta(section: str) -> dict[str, int]:
+            after = limits_after.get(section) or {}
+            earlier = limits_before.get(section) or {}
+            return {k: v - earlier.get(k, 0) for k, v in after.items() if k != "open"}
+
+        result = {
+            "slow_connections": plan.slow_connections,
+            "per_address": plan.slow_per_address,
+            "dribble_s": plan.slow_dribble,
+            "edges": plan.slow_edges,
+            "attack": {
+                **figures,
+                "held_after_ramp": held_at_start,
+                "held_at_end": held_at_end,
+                "seconds": attack_seconds,
+            },
+            "https": delta("https"),
+            "https_open_during": (limits_after.get("https") or {}).get("open"),
+            "https_http": delta("https_http"),
+            "api": delta("api"),
+            "baseline": baseline,
+            "during": during,
+        }
+        self.say(
+            f"slowloris: held {figures['peak_held']:,} at most, {figures['refused']:,} "
+            f"refused, {figures['cut']:,} cut; edges p99 {baseline['edge_p99_ms']} → "
+            f"{during['edge_p99_ms']} ms, API p99 {baseline['api_p99_ms']} → "
+            f"{during['api_p99_ms']} ms"
+        )
+        return result
+
+    async def _slow_window(self, hub: HubProcess) -> dict[str, Any]:
+        """Paced messages to the edges and sequential API requests for ``slow_window`` s."""
+        plan = self.plan
+        messages = max(1, int(plan.slow_rate * plan.slow_window))
+        await hub.request(
+            "prepare", wait=120.0, prefix=NODE_PREFIX, nodes=plan.slow_edges, messages=messages
+        )
+        paced = hub.request(
+            "paced",
+            wait=plan.slow_window + plan.paced_timeout + 60.0,
+            rate=plan.slow_rate,
+            timeout=plan.paced_timeout,
+        )
+        api = await self._api_pings(hub, plan.slow_window)
+        answer = await paced
+        return {
+            "edge_sent": answer["sent"],
+            "edge_acked": answer["acked"],
+            "edge_ack_rate": _round(answer["ack_rate"], 1),
+            "edge_p50_ms": _round(answer["p50_ms"], 1),
+            "edge_p99_ms": _round(answer["p99_ms"], 1),
+            **api,
+        }
+
+    async def _api_pings(self, hub: HubProcess, seconds: float) -> dict[str, Any]:
+        """``GET /healthz`` on the API, one at a time over one connection, for ``seconds``."""
+        from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+        pool = HTTPConnectionPool(self.reactor, persistent=True)
+        pool.retryAutomatically = False
+        agent = Agent(self.reactor, pool=pool)
+        url = f"http://127.0.0.1:{hub.info['ports']['api']}/healthz".encode()
+        times: list[float] = []
+        failed = 0
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end:
+                began = time.perf_counter()
+                try:
+                    requested = agent.request(b"GET", url)
+                    requested.addTimeout(API_REQUEST_TIMEOUT, self.reactor)
+                    response = await requested
+                    await readBody(response)
+                    if response.code != 200:
+                        failed += 1
+                        continue
+                except Exception:
+                    failed += 1
+                    await _sleep(self.reactor, 0.1)
+                    continue
+                times.append((time.perf_counter() - began) * 1000)
+                await _sleep(self.reactor, 0.01)
+        finally:
+            await pool.closeCachedConnections()
+        return {
+            "api_requests": len(times),
+            "api_failed": failed,
+            "api_p50_ms": _round(percentile(times, 50), 1),
+            "api_p99_ms": _round(percentile(times, 99), 1),
+            "api_max_ms": _round(max(times) if times else None, 1),
+        }
 
     # -- throughput and latency --
 
@@ -2110,6 +2627,143 @@ class Bench:
         return tally
 
 
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+class _SlowClient(Protocol):
+    """One slowloris connection: TLS, then one byte of a request head every few seconds."""
+
+    HEAD = b"GET /ca.crt HTTP/1.1\r\nHost: x\r\n" + b"X-a: b\r\n" * 1000
+
+    def __init__(self, attack: _Slowloris) -> None:
+        self.attack = attack
+        self.sent = 0
+        self.timer: Any = None
+        self.established = False
+        self.began = 0.0
+
+    def connectionMade(self) -> None:
+        self.began = time.monotonic()
+        self.attack.opened(self)
+        self._dribble()
+
+    def _dribble(self) -> None:
+        self.timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        if self.sent == 1:
+            self.established = True  # still open a dribble later: past accept and TLS
+            self.attack.held(self)
+        transport.write(self.HEAD[self.sent % len(self.HEAD) : self.sent % len(self.HEAD) + 1])
+        self.sent += 1
+        self.timer = self.attack.reactor.callLater(self.attack.dribble, self._dribble)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.attack.closed(self, time.monotonic() - self.began)
+
+
+class _Slowloris:
+    """``count`` slow TLS connections to ``127.0.0.1:port`` from 127.0.1.x, connecting again
+    when cut, until :meth:`stop`; counts what the hub did with them."""
+
+    def __init__(self, reactor: Reactor, port: int, count: int, per_address: int, dribble: float):
+        self.reactor = reactor
+        self.port = port
+        self.count = count
+        self.per_address = max(1, per_address)
+        self.dribble = dribble
+        self.live: set[_SlowClient] = set()
+        self.pending = 0
+        self.stopped = False
+        self.figures = {
+            "attempts": 0,
+            "peak_open": 0,  # TCP connected, before the hub decided anything
+            "peak_held": 0,  # open one dribble later: past the hub's accept checks and TLS
+            "refused": 0,  # closed before a second byte could go: at accept or during TLS
+            "cut": 0,  # closed by the hub after TLS, while dribbling
+            "connect_failed": 0,
+            "longest_held_s": 0.0,
+        }
+        self._slot = 0
+        self.holding = 0
+
+    @property
+    def open(self) -> int:
+        return len(self.live)
+
+    def start(self) -> None:
+        for _ in range(self.count):
+            self._connect()
+
+    def _connect(self) -> None:
+        from twisted.internet import ssl
+        from twisted.internet.protocol import ClientFactory
+
+        if self.stopped:
+            return
+        slot = self._slot
+        self._slot += 1
+        source = f"127.0.1.{(slot % self.count) // self.per_address + 1}"
+        attack = self
+
+        class Factory(ClientFactory):
+            def buildProtocol(self, addr: Any) -> Any:
+                return _SlowClient(attack)
+
+            def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+                attack.pending -= 1
+                attack.figures["connect_failed"] += 1
+                attack._again()
+
+        self.pending += 1
+        self.figures["attempts"] += 1
+        self.reactor.connectSSL(
+            "127.0.0.1",
+            self.port,
+            Factory(),
+            ssl.CertificateOptions(),
+            timeout=10,
+            bindAddress=(source, 0),
+        )
+
+    def opened(self, client: _SlowClient) -> None:
+        self.pending -= 1
+        self.live.add(client)
+        self.figures["peak_open"] = max(self.figures["peak_open"], len(self.live))
+
+    def held(self, client: _SlowClient) -> None:
+        self.holding += 1
+        self.figures["peak_held"] = max(self.figures["peak_held"], self.holding)
+
+    def closed(self, client: _SlowClient, held: float) -> None:
+        self.live.discard(client)
+        if client.established:
+            self.holding -= 1
+        if self.stopped:
+            return
+        self.figures["cut" if client.established else "refused"] += 1
+        self.figures["longest_held_s"] = max(self.figures["longest_held_s"], round(held, 1))
+        self._again()
+
+    def _again(self) -> None:
+        # Keep the pressure on as a real attacker would, a little later.
+        if not self.stopped:
+            self.reactor.callLater(0.5, self._connect)
+
+    def stop(self) -> dict[str, Any]:
+        self.stopped = True
+        for client in list(self.live):
+            if client.transport is not None:
+                client.transport.abortConnection()  # type: ignore[attr-defined]
+        self.live.clear()
+        return dict(self.figures)
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     import autobahn
@@ -2424,6 +3078,7 @@ def render_table(report: dict[str, Any]) -> str:
         ),
         line(header),
         *(line(r) for r in rows),
+        *scenario_lines(report),
     ]
     if targets:
         some = next(iter(targets.values()))
@@ -2450,6 +3105,67 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append("notes:")
         lines.extend(f"  - {note}" for note in notes)
     return "\n".join(lines) + "\n"
+
+
+def scenario_lines(report: dict[str, Any]) -> list[str]:
+    """Issue 18's scenarios (WebSocket), when measured."""
+    ws = report.get("transports", {}).get("ws") or {}
+    lines: list[str] = []
+    storm = ws.get("admission_storm")
+    if storm and storm.get("settings"):
+        lines.append(
+            f"reconnect storm under handshake admission (issue 18): {storm['storm_nodes']:,} "
+            f"nodes dropped and reconnecting ({storm['storm_concurrency']:,} at a time) while "
+            f"{storm['steady_nodes']:,} steady nodes heartbeat every {storm['heartbeat']:g} s "
+            f"(hub keepaliveInterval {storm['keepalive_interval']} s) and get "
+            f"{storm['steady_rate']:,.0f} msg/s"
+        )
+        for one in storm["settings"]:
+            what = (
+                "no admission"
+                if not (one["max_handshakes"] or one["handshakes_per_second"])
+                else f"maxHandshakes {one['max_handshakes']}"
+                + (f", {one['handshakes_per_second']:g}/s" if one["handshakes_per_second"] else "")
+                + (f", waiting (queue {one['queue']:,})" if one["queue"] else ", closed at once")
+            )
+            done = "" if one["complete"] else " (incomplete)"
+            lines.append(
+                f"  {one['setting']} ({what}): storm {one['storm_seconds']:.1f} s{done}, "
+                f"{one['reconnected']:,}/{one['dropped']:,} back; steady: "
+                f"{one['keepalive_timeouts']} keepalive timeouts, oldest keepalive "
+                f"{one['oldest_keepalive_s']} s, send → ACK p50/p99 {one['steady_p50_ms']} / "
+                f"{one['steady_p99_ms']} ms; hub reactor lag p99/max {one['reactor_lag_p99_ms']}"
+                f" / {one['reactor_lag_max_ms']} ms"
+            )
+    slow = ws.get("slowloris")
+    if slow:
+        attack, https = slow["attack"], slow["https"]
+        before, during = slow["baseline"], slow["during"]
+        lines.append(
+            f"slowloris on the certificate port (issue 18): {slow['slow_connections']:,} TLS "
+            f"connections, a header byte every {slow['dribble_s']:g} s, "
+            f"{slow['per_address']} per source address, with {slow['edges']:,} edges and the API"
+        )
+        lines.append(
+            f"  slow connections over {attack['seconds']:g} s: at most {attack['peak_held']:,} "
+            f"held at once (past accept and TLS), {attack['held_at_end']:,} at the end, "
+            f"{attack['refused']:,} refused, {attack['cut']:,} cut (longest held "
+            f"{attack['longest_held_s']} s); hub: {https.get('refused_listener', 0):,} over "
+            f"maxConnections, {https.get('refused_address', 0):,} over the per-address cap, "
+            f"{https.get('refused_descriptors', 0):,} for the descriptor reserve, "
+            f"{slow['https_http'].get('head_timeouts', 0):,} head timeouts"
+        )
+        lines.append(
+            f"  edges, send → ACK p50/p99: {before['edge_p50_ms']} / {before['edge_p99_ms']} ms "
+            f"without, {during['edge_p50_ms']} / {during['edge_p99_ms']} ms during "
+            f"({during['edge_acked']:,}/{during['edge_sent']:,} ACKed)"
+        )
+        lines.append(
+            f"  API GET /healthz p50/p99: {before['api_p50_ms']} / {before['api_p99_ms']} ms "
+            f"without, {during['api_p50_ms']} / {during['api_p99_ms']} ms during "
+            f"({during['api_requests']:,} answered, {during['api_failed']} failed)"
+        )
+    return lines
 
 
 # --- output files ------------------------------------------------------------------------------

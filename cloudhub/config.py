@@ -173,6 +173,18 @@ class ConnectionLimits:
 
 
 @dataclass(frozen=True)
+class HandshakeLimits:
+    """New WebSocket connections admitted at a bounded pace (a reconnect storm, limits.py)."""
+
+    # TLS + upgrade in progress at once (0: no cap); more wait, accepted but unread.
+    max_handshakes: int = _key("maxHandshakes", 64, _at_least(0))
+    handshakes_per_second: int = _key("handshakesPerSecond", 0, _at_least(0))  # 0: no rate
+    # Connections waiting their turn (0: closed at accept instead), and for how long (s).
+    handshake_queue: int = _key("handshakeQueue", 10000, _at_least(0))
+    handshake_wait: int = _key("handshakeWait", 20, _at_least(1))
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """What one client may hold of the hub (issue 18): HTTP heads, connections, descriptors."""
 
@@ -191,6 +203,7 @@ class LimitsConfig:
     # Bytes waiting for a peer that does not read (WebSocket, QUIC): over it, dropped at once;
     # data left unsent for cloudHub.writeTimeout seconds drops it too.
     max_output_buffer: int = _key("maxOutputBuffer", 16 * MIB, _at_least(65536))
+    websocket: HandshakeLimits = _key("websocket", HandshakeLimits())
     https: ConnectionLimits = _key("https", ConnectionLimits())
     api: ConnectionLimits = _key("api", ConnectionLimits(max_per_address=0, descriptor_reserve=64))
 

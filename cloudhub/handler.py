@@ -31,7 +31,7 @@ from cloudhub.nodeid import validate_node_id
 from cloudhub.queue import NodeQueue
 from cloudhub.session import RETRANSMIT_INTERVAL, NodeSession
 from cloudhub.stats import HubStats
-from cloudhub.store.interfaces import ISyncStore, SyncRecord
+from cloudhub.store.interfaces import ISyncStore, RolledBack, SyncRecord
 
 log = Logger()
 
@@ -114,6 +114,8 @@ class MessageHandle:
         Starts accepting messages; returns how many undelivered messages were restored.
         """
         self.store = store
+        if hasattr(store, "on_rollback"):
+            store.on_rollback = self._rolled_back
         self.queues = {}
         restored = 0
         for record in records:
@@ -147,7 +149,28 @@ class MessageHandle:
         queues, self.queues = self.queues, {}
         for queue in queues.values():
             queue.stop_waiting(_stopped_error(queue.node_id))
+        if getattr(self.store, "on_rollback", None) == self._rolled_back:
+            self.store.on_rollback = None  # type: ignore[union-attr]
         self.store = None
+
+    def _rolled_back(self, rolled_back: list[RolledBack]) -> None:
+        """A commit failed: its messages were answered "not accepted"; the queues forget them
+        and owe again what they had replaced (see :meth:`NodeQueue.roll_back`)."""
+        forgotten = 0
+        for item in rolled_back:
+            queue = self.queues.get(item.node_id)
+            if queue is not None and queue.roll_back(item):
+                forgotten += 1
+        if forgotten:
+            log.debug("{count} messages of a failed commit forgotten", count=forgotten)
+
+    @property
+    def store_failing(self) -> str | None:
+        """Why the sync store's commits fail, while they do (None: they succeed, or no store).
+
+        Readiness follows it: ``ready=lambda: self.is_ready and handle.store_failing is None``.
+        """
+        return getattr(self.store, "failing", None) if self.store is not None else None
 
     # --- IConnectionHandler -----------------------------------------------------------------
 

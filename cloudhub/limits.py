@@ -23,22 +23,31 @@ import ipaddress
 import os
 import resource
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolFactory, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 __all__ = [
+    "AdmissionCounters",
     "ConnectionCounters",
     "ConnectionLimiter",
     "DescriptorBudget",
+    "HandshakeAdmission",
     "ThrottledLog",
     "descriptor_limit",
+    "handshake_admission",
     "open_descriptors",
     "raise_descriptor_limit",
+    "tls_handshake_done",
+    "websocket_handshake_done",
 ]
 
 log = Logger()
@@ -312,3 +321,332 @@ class ConnectionLimiter(WrappingFactory[_Limited]):
                 self._per_host.pop(host, None)
         if self.budget is not None:
             self.budget.closed()
+
+
+# --- handshake admission (reconnect storms) -------------------------------------------------
+
+# Defaults of hub.limits.websocket.* (README "Limits").
+MAX_HANDSHAKES = 64
+HANDSHAKES_PER_SECOND = 0  # 0: no rate, the cap on handshakes in progress alone
+HANDSHAKE_QUEUE = 10_000
+HANDSHAKE_WAIT = 20.0
+# How long one admitted handshake holds its slot at most: a peer that opens TCP and sends
+# nothing must not keep the gate shut (the listener's own handshake timeout drops it later).
+SLOT_TIMEOUT = 5.0
+ADMISSION_TICK = 0.01
+
+_WS_CONNECTING = 1  # autobahn WebSocketProtocol.STATE_CONNECTING
+
+
+def tls_handshake_done(protocol: Any) -> bool:
+    """For a ``TLSMemoryBIOProtocol``: the TLS handshake is over (or the connection is)."""
+    return bool(getattr(protocol, "_handshakeDone", True))
+
+
+def websocket_handshake_done(protocol: Any) -> bool:
+    """For TLS around an Autobahn WebSocket protocol: the 101 is written, or the connection
+    is closing (no more handshake work either way)."""
+    inner = getattr(protocol, "wrappedProtocol", None)
+    if inner is None:  # ProtocolWrapper drops it once the connection is lost
+        return True
+    return getattr(inner, "state", _WS_CONNECTING) != _WS_CONNECTING
+
+
+@dataclass
+class AdmissionCounters:
+    """What a :class:`HandshakeAdmission` did (plain counters for metrics)."""
+
+    admitted: int = 0  # connections handed to the wrapped factory
+    queued: int = 0  # of those and the expired: accepted, then waited with reads paused
+    refused: int = 0  # closed at accept: over the limits with the queue full (or off)
+    expired: int = 0  # waited longer than max_wait: closed without a byte read
+    completed: int = 0  # admitted handshakes that ended (done, failed or closed)
+    slot_timeouts: int = 0  # admitted handshakes that held their slot over slot_timeout
+    peak_waiting: int = 0
+    peak_in_progress: int = 0
+
+
+class _Waiting(Protocol):
+    """An accepted connection waiting for admission: reads paused, nothing built for it yet."""
+
+    def __init__(self, admission: HandshakeAdmission, addr: IAddress | None, since: float):
+        self.admission = admission
+        self.addr = addr
+        self.since = since
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.connected = 1
+        transport.pauseProducing()  # no ClientHello read until admitted
+
+    def dataReceived(self, data: bytes) -> None:  # only if a transport ignores the pause
+        self.admission._early.append((self, data))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = 0
+
+
+@implementer(IProtocolFactory)
+class HandshakeAdmission:
+    """Admit new connections to ``wrapped`` (a TLS factory) at a bounded pace, so that a
+    reconnect storm cannot take the reactor from the connections already established.
+
+    A connection is admitted (handed to ``wrapped.buildProtocol``) while fewer than
+    ``max_handshakes`` admitted ones are still in their handshake (``done(protocol)`` false
+    and the connection open; a slot is held ``slot_timeout`` s at most) and, with
+    ``per_second``, a token is left in a bucket refilled at that rate (``burst`` tokens at
+    most). Any other connection is accepted and **waits, reads paused**, in FIFO order
+    (``queue`` of them at most; ``queue=0``: closed at once instead): its TLS and WebSocket
+    protocols are built only when it is admitted, so waiting costs a socket and ~1 KB, no
+    handshake timer runs, and the kernel's accept queue never overflows (a full backlog makes
+    clients retransmit SYNs after 1, 3, 7 s). A connection that waited ``max_wait`` s is
+    closed without a byte read. 0 for ``max_handshakes`` or ``per_second``: no such limit.
+
+    No wrapper stays on an admitted connection: the placeholder of a waiting one is replaced
+    on its transport by the real protocol (``transport.protocol``, or ``wrappedProtocol``
+    when the transport is itself a ``ProtocolWrapper`` such as :class:`ConnectionLimiter`'s),
+    so an established connection costs exactly what it costs without admission. Handshakes in
+    progress are polled every ``tick`` s while any are pending (``max_handshakes`` of them at
+    most); nothing runs when none is. Put it directly in front of the TLS factory
+    (``ListeningService(name, endpoint, HandshakeAdmission(tls, reactor))``).
+    """
+
+    def __init__(
+        self,
+        wrapped: IProtocolFactory,
+        clock: IReactorTime,
+        *,
+        max_handshakes: int = MAX_HANDSHAKES,
+        per_second: float = HANDSHAKES_PER_SECOND,
+        burst: int | None = None,
+        queue: int = HANDSHAKE_QUEUE,
+        max_wait: float = HANDSHAKE_WAIT,
+        slot_timeout: float = SLOT_TIMEOUT,
+        done: Callable[[Any], bool] = tls_handshake_done,
+        tick: float = ADMISSION_TICK,
+        name: str = "",
+        counters: AdmissionCounters | None = None,
+    ) -> None:
+        if max_handshakes < 0 or per_second < 0 or queue < 0 or max_wait <= 0 or tick <= 0:
+            raise ValueError("max_handshakes, per_second, queue must be >= 0; max_wait, tick > 0")
+        self.wrappedFactory = wrapped
+        self.clock = clock
+        self.done = done
+        self.tick = tick
+        self.name = name or type(wrapped).__name__
+        self.counters = counters if counters is not None else AdmissionCounters()
+        self._in_progress: list[tuple[Any, float]] = []
+        self._waiting: deque[_Waiting] = deque()
+        self._early: list[tuple[_Waiting, bytes]] = []
+        self._loop: IDelayedCall | None = None
+        self._log = ThrottledLog(log)
+        self.configure(
+            max_handshakes=max_handshakes,
+            per_second=per_second,
+            burst=burst,
+            queue=queue,
+            max_wait=max_wait,
+            slot_timeout=slot_timeout,
+        )
+
+    def configure(
+        self,
+        *,
+        max_handshakes: int,
+        per_second: float,
+        burst: int | None = None,
+        queue: int,
+        max_wait: float = HANDSHAKE_WAIT,
+        slot_timeout: float = SLOT_TIMEOUT,
+    ) -> None:
+        """Change the limits (the connections already waiting keep waiting)."""
+        self.max_handshakes = max_handshakes
+        self.per_second = float(per_second)
+        # Default burst: a tenth of a second's worth, at least one.
+        self.burst = max(1, burst if burst is not None else int(self.per_second / 10))
+        self.queue = queue
+        self.max_wait = max_wait
+        self.slot_timeout = slot_timeout
+        self._tokens = float(self.burst)
+        self._refilled = self.clock.seconds()
+        if self._waiting or self._in_progress:
+            self._schedule()
+
+    # -- what is pending --
+
+    @property
+    def waiting(self) -> int:
+        """Connections accepted and not admitted yet."""
+        return len(self._waiting)
+
+    @property
+    def in_progress(self) -> int:
+        """Admitted connections still in their handshake (as of the last poll)."""
+        return len(self._in_progress)
+
+    # -- IProtocolFactory --
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+
+    def doStop(self) -> None:
+        if self._loop is not None and self._loop.active():
+            self._loop.cancel()
+        self._loop = None
+        waiting, self._waiting = self._waiting, deque()
+        for placeholder in waiting:
+            self._close(placeholder)
+        self._in_progress = []
+        self.wrappedFactory.doStop()
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.wrappedFactory, "logPrefix", None)
+        return prefix() if callable(prefix) else self.name
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        now = self.clock.seconds()
+        self._poll(now)
+        if not self._waiting and self._room(now):
+            return self._admit(addr, now)
+        if len(self._waiting) < self.queue:
+            placeholder = _Waiting(self, addr, now)
+            self._waiting.append(placeholder)
+            self.counters.queued += 1
+            self.counters.peak_waiting = max(self.counters.peak_waiting, len(self._waiting))
+            self._schedule()
+            return placeholder
+        self.counters.refused += 1
+        self._log.emit(
+            "{listener}: closed a new connection from {peer}: {busy} handshakes in progress, "
+            "{waiting} waiting",
+            listener=self.name,
+            peer=_host(addr) or str(addr),
+            busy=len(self._in_progress),
+            waiting=len(self._waiting),
+        )
+        return None
+
+    # -- admission --
+
+    def _room(self, now: float) -> bool:
+        if self.max_handshakes and len(self._in_progress) >= self.max_handshakes:
+            return False
+        if self.per_second:
+            tokens = self._tokens + (now - self._refilled) * self.per_second
+            self._tokens = min(tokens, float(self.burst))
+            self._refilled = now
+            if self._tokens < 1.0:
+                return False
+        return True
+
+    def _admit(self, addr: IAddress | None, now: float) -> Any:
+        protocol = self.wrappedFactory.buildProtocol(addr)  # type: ignore[arg-type]
+        if protocol is None:
+            return None
+        if self.per_second:
+            self._tokens -= 1.0
+        self.counters.admitted += 1
+        if self.max_handshakes:
+            self._in_progress.append((protocol, now))
+            self.counters.peak_in_progress = max(
+                self.counters.peak_in_progress, len(self._in_progress)
+            )
+            self._schedule()
+        return protocol
+
+    def _poll(self, now: float) -> None:
+        """Forget the handshakes that ended; free the slots held too long."""
+        if not self._in_progress:
+            return
+        done, slot_timeout = self.done, self.slot_timeout
+        keep = []
+        for protocol, since in self._in_progress:
+            transport = getattr(protocol, "transport", None)
+            if transport is not None and (
+                getattr(transport, "disconnected", False)
+                or getattr(transport, "disconnecting", False)
+                or done(protocol)
+            ):
+                self.counters.completed += 1
+            elif now - since >= slot_timeout:
+                self.counters.slot_timeouts += 1
+            else:
+                keep.append((protocol, since))
+        self._in_progress = keep
+
+    def _schedule(self) -> None:
+        if self._loop is None or not self._loop.active():
+            self._loop = self.clock.callLater(self.tick, self._step)
+
+    def _step(self) -> None:
+        self._loop = None
+        now = self.clock.seconds()
+        self._poll(now)
+        waiting = self._waiting
+        while waiting:
+            placeholder = waiting[0]
+            if now - placeholder.since >= self.max_wait or not placeholder.connected:
+                waiting.popleft()
+                self.counters.expired += 1
+                self._close(placeholder)
+                continue
+            if not self._room(now):
+                break
+            waiting.popleft()
+            self._hand_over(placeholder, now)
+        if waiting or self._in_progress:
+            self._schedule()
+
+    def _hand_over(self, placeholder: _Waiting, now: float) -> None:
+        transport: Any = placeholder.transport
+        protocol = self._admit(placeholder.addr, now)
+        if protocol is None or not _replace_protocol(transport, placeholder, protocol):
+            self._close(placeholder)
+            return
+        protocol.makeConnection(transport)
+        early = [data for waiting, data in self._early if waiting is placeholder]
+        if early:
+            self._early = [item for item in self._early if item[0] is not placeholder]
+            for data in early:
+                protocol.dataReceived(data)
+        transport.resumeProducing()
+
+    def _close(self, placeholder: _Waiting) -> None:
+        transport = getattr(placeholder, "transport", None)
+        if transport is None:
+            return
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            transport.loseConnection()
+
+
+def _replace_protocol(transport: Any, old: Any, new: Any) -> bool:
+    """Make ``transport`` deliver to ``new`` instead of ``old``; False if it cannot."""
+    if getattr(transport, "wrappedProtocol", None) is old:  # a ProtocolWrapper
+        transport.wrappedProtocol = new
+        return True
+    if getattr(transport, "protocol", None) is old:  # twisted.internet.tcp.Connection
+        transport.protocol = new
+        return True
+    return False
+
+
+def handshake_admission(
+    factory: IProtocolFactory, limits: Any, clock: IReactorTime, name: str = "websocket"
+) -> HandshakeAdmission:
+    """``factory`` (the WebSocket listener's TLS factory) behind a :class:`HandshakeAdmission`
+    configured from ``limits`` (``hub.limits.websocket``: ``max_handshakes``,
+    ``handshakes_per_second``, ``handshake_queue``, ``handshake_wait``); a missing key keeps
+    its default."""
+    return HandshakeAdmission(
+        factory,
+        clock,
+        max_handshakes=int(getattr(limits, "max_handshakes", MAX_HANDSHAKES)),
+        per_second=float(getattr(limits, "handshakes_per_second", HANDSHAKES_PER_SECOND)),
+        queue=int(getattr(limits, "handshake_queue", HANDSHAKE_QUEUE)),
+        max_wait=float(getattr(limits, "handshake_wait", HANDSHAKE_WAIT)),
+        done=websocket_handshake_done,
+        name=name,
+    )

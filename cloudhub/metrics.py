@@ -448,6 +448,17 @@ class LimitsCollector(Collector):
             "error, peer not reading (write timeout, output buffer over the cap)",
             labels=["transport", "reason"],
         )
+        admission = CounterMetricFamily(
+            "cloudhub_handshake_admissions",
+            "New edge connections by the handshake admission (hub.limits.websocket): admitted "
+            "(of them, queued first), refused at accept (queue full), expired (waited too long)",
+            labels=["transport", "outcome"],
+        )
+        waiting = GaugeMetricFamily(
+            "cloudhub_handshakes_waiting",
+            "New edge connections waiting for a handshake slot now (reads paused)",
+            labels=["transport"],
+        )
         identity_warnings = CounterMetricFamily(
             "cloudhub_node_identity_warnings",
             "Edges let in under hub.nodeIdentity: warn although their certificate names another "
@@ -477,6 +488,13 @@ class LimitsCollector(Collector):
                 for attribute, reason in _IDENTITY_WARNINGS if stats is not None else ():
                     if hasattr(stats, attribute):
                         identity_warnings.add_metric([name, reason], getattr(stats, attribute))
+                gate = getattr(site, "admission", None)
+                if gate is not None and hasattr(gate, "counters"):
+                    for outcome in ("admitted", "queued", "refused", "expired"):
+                        admission.add_metric([name, outcome], getattr(gate.counters, outcome))
+                    waiting.add_metric([name], gate.waiting)
+        yield admission
+        yield waiting
         yield transport_refused
         yield identity_warnings
         yield open_now

@@ -31,7 +31,7 @@ from cloudhub.errors import (
 )
 from cloudhub.model import Message
 from cloudhub.stats import HubStats
-from cloudhub.store.interfaces import ISyncStore, SyncRecord
+from cloudhub.store.interfaces import ISyncStore, RolledBack, SyncRecord
 
 _NO_ACK_RESOURCE_MARKERS = ("podlist", "membership", "twin/cloud_updated", "serviceaccounttoken")
 _NO_ACK_EDGECONTROLLER_TYPES = frozenset({"node", "lease", "nodepatch", "podpatch", "podstatus"})
@@ -234,16 +234,19 @@ class NodeQueue:
             )
         return entry
 
-    def restore(self, record: SyncRecord) -> None:
-        """Take back what the sync store kept across a restart (records in ``seq`` order)."""
+    def restore(self, record: SyncRecord) -> PendingEntry | None:
+        """Take back what the sync store kept across a restart (records in ``seq`` order).
+
+        Returns the entry made owed, if any.
+        """
         uid = record.uid
         if record.deleted_at is not None:
-            return  # a tombstone: the store answers for it (deleted_version), until it expires
+            return None  # a tombstone: the store answers for it (deleted_version), until it expires
         if record.acked_version is not None:
             self.acked[uid] = record.acked_version
         message = record.pending
         if message is None:
-            return
+            return None
         version = None
         if message.resource_version:
             try:
@@ -257,6 +260,48 @@ class NodeQueue:
         self.pending[uid] = entry
         self.by_msg_id[message.msg_id] = uid
         self.ready[uid] = None
+        return entry
+
+    def roll_back(self, rolled_back: RolledBack) -> bool:
+        """Forget a message whose commit failed: it was answered "not accepted" (issue 18).
+
+        Only if it is still the object's owed entry (a newer version, an ACK since, leave it
+        as it is). Its waiters fail with the store's error; what the store still holds for the
+        object (``rolled_back.record``: the version it had replaced, its acknowledged version,
+        a tombstone it had ended) is what this queue owes and knows again. Returns whether
+        the entry was forgotten.
+
+        (A message sent to a connected edge before its commit failed may have reached it;
+        its late ACK is ignored, as that of a superseded message, and the older version
+        owed again is sent after it.)
+        """
+        uid = rolled_back.uid
+        entry = self.pending.get(uid)
+        if entry is None or entry.message.msg_id != rolled_back.msg_id:
+            return False
+        del self.pending[uid]
+        self.ready.pop(uid, None)
+        if entry.transmissions == 0:
+            self.by_msg_id.pop(rolled_back.msg_id, None)
+        # (Else kept while it may be in flight, as for a superseded one: forget_superseded.)
+        self.acked.pop(uid, None)
+        record = rolled_back.record
+        restored = None
+        if record is not None:
+            delayed = uid in self.delayed
+            restored = self.restore(record)
+            if restored is not None:
+                restored.failures = entry.failures
+                if delayed:
+                    self.ready.pop(uid, None)  # still backing off
+        if restored is None:
+            self.delayed.pop(uid, None)
+        waiters, entry.waiters = entry.waiters, []
+        for waiter in waiters:
+            waiter.errback(rolled_back.error)
+        if restored is not None:
+            self._notify()
+        return True
 
     def _stale(
         self, uid: str, message: Message, acked: int | None, current: PendingEntry | None

@@ -253,7 +253,8 @@ class CloudHubService(MultiService):
             authority,
             self.tokens,
             reactor,
-            ready=lambda: self.is_ready,
+            # Not ready while the store's commits fail: accepting nothing, edges may still join.
+            ready=lambda: self.is_ready and self.handle.store_failing is None,
             http_limits=http_limits(limits, limits.request_timeout or None),
         )
         self.certificate_site.access_log = config.hub.access_log
@@ -321,9 +322,11 @@ class CloudHubService(MultiService):
         if self.api is not None:
             sources["api"] = (getattr(self.api, "limiter", None), self.api.site)
         if self.websocket is not None:
-            hub_factory = getattr(self.websocket.factory, "wrappedFactory", None)  # inside TLS
-            stats = getattr(hub_factory, "stats", None)
-            sources["websocket"] = (None, _TransportStats(stats))
+            # admission → TLS → the WebSocket factory, whose stats these are.
+            admission: Any = self.websocket.factory
+            tls = getattr(admission, "wrappedFactory", None)
+            stats = getattr(getattr(tls, "wrappedFactory", None), "stats", None)
+            sources["websocket"] = (None, _TransportStats(stats, admission))
         if self.quic is not None:
             protocol: Any = getattr(self.quic, "protocol", None)
             sources["quic"] = (None, _TransportStats(getattr(protocol, "stats", None)))
@@ -460,8 +463,9 @@ class CloudHubService(MultiService):
 class _TransportStats:
     """An edge transport's counters, as the metrics' limit sources carry them."""
 
-    def __init__(self, stats: Any) -> None:
+    def __init__(self, stats: Any, admission: Any = None) -> None:
         self.transport_stats = stats
+        self.admission = admission  # a HandshakeAdmission, when the listener has one
 
 
 def http_limits(limits: LimitsConfig, request_timeout: float | None) -> HttpLimits:

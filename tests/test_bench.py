@@ -275,6 +275,31 @@ class TinyBenchTests(TestCase):
         self.assertEqual((api["refused"], api["failed_requests"]), (0, 0))
         self.assertGreater(api["msgs_per_s"], 0)
 
+        # Issue 18: the storm under handshake admission, once per setting, and slowloris.
+        admission = ws["admission_storm"]
+        self.assertEqual(
+            [one["setting"] for one in admission["settings"]],
+            [setting[0] for setting in PLANS["tiny"].admission_settings],
+        )
+        for one in admission["settings"]:
+            self.assertTrue(one["complete"], err.getvalue())
+            self.assertEqual(one["reconnected"], one["dropped"])
+            self.assertEqual(one["keepalive_timeouts"], 0)
+            self.assertEqual(one["steady_connected_after"], PLANS["tiny"].steady_nodes)
+            self.assertEqual(one["steady_acked"], one["steady_sent"])
+            self.assertIsNotNone(one["reactor_lag_p99_ms"])
+        off, wait = admission["settings"]
+        self.assertEqual(off["admission"]["queued"], 0)
+        self.assertGreater(wait["admission"]["queued"], 0)  # max_handshakes 1: some waited
+        self.assertEqual(wait["admission"]["admitted"], wait["dropped"])
+        slow = ws["slowloris"]
+        self.assertEqual(slow["attack"]["peak_held"], PLANS["tiny"].slow_connections)
+        self.assertEqual(slow["https"]["accepted"], PLANS["tiny"].slow_connections)
+        for window in (slow["baseline"], slow["during"]):
+            self.assertEqual(window["edge_acked"], window["edge_sent"])
+            self.assertGreater(window["api_requests"], 0)
+            self.assertEqual(window["api_failed"], 0)
+
         targets = {t["key"]: t for t in report["targets"]}
         self.assertEqual(set(targets), {t.key for t in TARGETS})
         for target in targets.values():
@@ -298,6 +323,8 @@ class TinyBenchTests(TestCase):
             "connect rate, nodes/s",
             "hub RSS per node at 4",
             "reconnect storm",
+            "reconnect storm under handshake admission",
+            "slowloris on the certificate port",
             "seconds until all connected again",
             "mTLS handshakes/s",
             "throughput, ACK mode",

@@ -26,9 +26,12 @@ from cloudhub.certs.web import HttpLimits, certificate_site
 from cloudhub.limits import (
     ConnectionLimiter,
     DescriptorBudget,
+    HandshakeAdmission,
     ThrottledLog,
+    handshake_admission,
     open_descriptors,
     raise_descriptor_limit,
+    websocket_handshake_done,
 )
 from tests.helpers_tls import make_config
 
@@ -309,3 +312,252 @@ class SlowlorisTests(TestCase):
         self.assertEqual(site.http_counters.head_timeouts, 10 + 30 - 8)
         await deferLater(global_reactor, 0.1, lambda: None)  # type: ignore[arg-type]
         self.assertEqual(limiter.open, 0)
+
+
+# --- handshake admission (reconnect storms) --------------------------------------------------
+
+
+class _FakeTransport:
+    """What HandshakeAdmission uses of a tcp.Server."""
+
+    def __init__(self) -> None:
+        self.protocol: Any = None
+        self.paused = False
+        self.disconnecting = False
+        self.disconnected = False
+        self.aborted = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def abortConnection(self) -> None:
+        self.aborted = self.disconnecting = True
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+
+
+class _Handshaking(Protocol):
+    _handshakeDone = False
+    received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class _HandshakeFactory(Factory):
+    protocol = _Handshaking
+
+    def __init__(self) -> None:
+        self.built: list[_Handshaking] = []
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        self.built.append(protocol)
+        return protocol
+
+
+class _Port:
+    """Accepts like tcp.Port: buildProtocol, a transport, makeConnection."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+        self.transports: list[_FakeTransport] = []
+
+    def accept(self, host: str = "10.0.0.1") -> _FakeTransport | None:
+        protocol = self.factory.buildProtocol(v4(host))
+        if protocol is None:
+            return None
+        transport = _FakeTransport()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        return transport
+
+
+class HandshakeAdmissionTests(SynchronousTestCase):
+    def make(self, **options: Any) -> tuple[Clock, _HandshakeFactory, HandshakeAdmission, _Port]:
+        clock = Clock()
+        wrapped = _HandshakeFactory()
+        admission = HandshakeAdmission(wrapped, clock, **options)
+        return clock, wrapped, admission, _Port(admission)
+
+    def test_cap_on_handshakes_in_progress(self) -> None:
+        clock, wrapped, admission, port = self.make(max_handshakes=2)
+        transports = [port.accept() for _ in range(5)]
+        self.assertEqual(len(wrapped.built), 2)
+        self.assertEqual((admission.in_progress, admission.waiting), (2, 3))
+        self.assertEqual([t.paused for t in transports], [False, False, True, True, True])
+        clock.advance(0.05)
+        self.assertEqual(len(wrapped.built), 2)  # nothing finished: nothing more admitted
+        wrapped.built[0]._handshakeDone = True
+        clock.advance(0.01)
+        self.assertEqual(len(wrapped.built), 3)
+        third = transports[2]
+        self.assertIs(third.protocol, wrapped.built[2])  # no wrapper left on it
+        self.assertIs(wrapped.built[2].transport, third)
+        self.assertFalse(third.paused)
+        transports[1].disconnected = True  # a failed handshake frees its slot too
+        clock.advance(0.01)
+        self.assertEqual(len(wrapped.built), 4)
+        counters = admission.counters
+        self.assertEqual((counters.admitted, counters.queued, counters.completed), (4, 3, 2))
+        self.assertEqual((counters.peak_waiting, counters.peak_in_progress), (3, 2))
+
+    def test_rate(self) -> None:
+        clock, wrapped, admission, port = self.make(max_handshakes=0, per_second=100, burst=5)
+        for _ in range(300):
+            port.accept()
+        self.assertEqual(len(wrapped.built), 5)  # the burst at once
+        for _ in range(100):
+            clock.advance(0.01)
+        self.assertTrue(100 <= len(wrapped.built) - 5 <= 101, len(wrapped.built))
+        self.assertEqual(admission.in_progress, 0)  # no cap: nothing tracked
+        for _ in range(300):
+            clock.advance(0.01)
+        self.assertEqual(len(wrapped.built), 300)
+        self.assertEqual(admission.waiting, 0)
+        self.assertFalse(clock.getDelayedCalls())  # idle: no timer left
+
+    def test_established_connection_untouched(self) -> None:
+        clock, wrapped, admission, port = self.make(max_handshakes=1)
+        first = port.accept()
+        second = port.accept()
+        assert first is not None and second is not None
+        wrapped.built[0]._handshakeDone = True
+        clock.advance(0.01)
+        for transport, protocol in zip((first, second), wrapped.built, strict=True):
+            self.assertIs(type(transport.protocol), _Handshaking)
+            transport.protocol.dataReceived(b"x")
+            self.assertEqual(protocol.received, b"x")
+        wrapped.built[1]._handshakeDone = True
+        clock.advance(0.01)
+        self.assertEqual(admission.in_progress, 0)
+        self.assertFalse(clock.getDelayedCalls())
+
+    def test_queue_full_or_off_closes_at_once(self) -> None:
+        clock, wrapped, admission, port = self.make(max_handshakes=1, queue=1)
+        self.assertIsNotNone(port.accept())
+        self.assertIsNotNone(port.accept())  # waits
+        self.assertIsNone(port.accept())
+        self.assertEqual(admission.counters.refused, 1)
+        clock, wrapped, admission, port = self.make(max_handshakes=1, queue=0)
+        self.assertIsNotNone(port.accept())
+        self.assertIsNone(port.accept())
+        self.assertEqual((admission.counters.refused, admission.counters.queued), (1, 0))
+
+    def test_waiting_too_long_is_closed(self) -> None:
+        clock, wrapped, admission, port = self.make(max_handshakes=1, max_wait=2.0, slot_timeout=60)
+        port.accept()
+        late = port.accept()
+        assert late is not None
+        clock.pump([0.5] * 5)
+        self.assertTrue(late.aborted)
+        self.assertEqual(admission.counters.expired, 1)
+        self.assertEqual(len(wrapped.built), 1)
+
+    def test_slot_timeout(self) -> None:
+        clock, wrapped, admission, port = self.make(max_handshakes=1, slot_timeout=1.0)
+        port.accept()  # a peer that never finishes its handshake
+        waiting = port.accept()
+        assert waiting is not None
+        clock.pump([0.1] * 9)
+        self.assertTrue(waiting.paused)
+        clock.pump([0.1] * 2)
+        self.assertFalse(waiting.paused)
+        self.assertEqual(admission.counters.slot_timeouts, 1)
+
+    def test_stop_closes_the_waiting(self) -> None:
+        clock, wrapped, admission, port = self.make(max_handshakes=1)
+        admission.doStart()
+        port.accept()
+        waiting = port.accept()
+        assert waiting is not None
+        admission.doStop()
+        self.assertTrue(waiting.aborted)
+        self.assertFalse(clock.getDelayedCalls())
+
+    def test_reconfigure(self) -> None:
+        clock, wrapped, admission, port = self.make(max_handshakes=1)
+        port.accept()
+        for _ in range(3):
+            port.accept()
+        admission.configure(max_handshakes=0, per_second=0, queue=10)
+        clock.advance(0.01)
+        self.assertEqual((len(wrapped.built), admission.waiting), (4, 0))
+
+    def test_websocket_predicate(self) -> None:
+        class Inner:
+            state = 1
+
+        class Outer:
+            wrappedProtocol: Any = Inner()
+
+        outer = Outer()
+        self.assertFalse(websocket_handshake_done(outer))
+        outer.wrappedProtocol.state = 3
+        self.assertTrue(websocket_handshake_done(outer))
+        outer.wrappedProtocol = None
+        self.assertTrue(websocket_handshake_done(outer))
+
+    def test_from_config(self) -> None:
+        class Limits:
+            max_handshakes = 7
+            handshakes_per_second = 50
+
+        admission = handshake_admission(_HandshakeFactory(), Limits(), Clock())
+        self.assertEqual((admission.max_handshakes, admission.per_second), (7, 50.0))
+        self.assertEqual(admission.queue, 10_000)
+        self.assertIs(admission.done, websocket_handshake_done)
+
+
+class _Greeter(Protocol):
+    """Done with its "handshake" once it has answered the first line."""
+
+    answered = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"hello " + data)  # type: ignore[union-attr]
+        self.answered = True
+
+
+class _Reader(Protocol):
+    def __init__(self) -> None:
+        self.answer: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"edge")  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answer.called:
+            self.answer.callback(data)
+
+
+class HandshakeAdmissionOverTcpTests(TestCase):
+    """The placeholder really is replaced on a twisted.internet.tcp connection."""
+
+    async def test_waiting_connections_served_in_turn(self) -> None:
+        admission = HandshakeAdmission(
+            Factory.forProtocol(_Greeter),
+            global_reactor,
+            max_handshakes=1,
+            done=lambda protocol: protocol.answered,
+        )
+        port = global_reactor.listenTCP(0, admission, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(global_reactor, "127.0.0.1", port.getHost().port)
+        readers = [_Reader() for _ in range(6)]
+        for reader in readers:
+            await connectProtocol(endpoint, reader)
+        answers = []
+        for reader in readers:
+            reader.answer.addTimeout(10, global_reactor)
+            answers.append(await reader.answer)
+            self.addCleanup(reader.transport.loseConnection)  # type: ignore[union-attr]
+        self.assertEqual(answers, [b"hello edge"] * 6)
+        self.assertEqual(admission.counters.admitted, 6)
+        self.assertGreaterEqual(admission.counters.queued, 1)
+        self.assertEqual(admission.counters.peak_in_progress, 1)

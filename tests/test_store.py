@@ -799,18 +799,19 @@ class SQLiteSyncStoreTests(SyncStoreBehaviour, TestCase):
 
     async def test_failed_commit_fails_flush_then_recovers(self) -> None:
         store = self.make_store(connect=flaky_connect, retry_delay=0.1)
-        put(store, "n1", "u1", "5")
+        older = put(store, "n1", "u1", "5")
         await store.flush()
         flaky(store).fail_commits = True
-        newer = put(store, "n1", "u1", "6")
+        put(store, "n1", "u1", "6")
         store.note_attempt("n1", "u1", 2, "x")
         error = await self.assertFailure(store.flush(), StoreError)
         self.assertIn("commit failed: database or disk is full", str(error))
         self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
         flaky(store).fail_commits = False
         store.acknowledged("n2", "u2", 3, deleted=False)
-        record = await self.one(store)  # the failed changes were kept and written
-        self.assertEqual((record.pending, record.attempts), (newer, 2))
+        # The refused message was rolled back (issue 18); the attempts were kept and written.
+        record = await self.one(store)
+        self.assertEqual((record.pending, record.attempts), (older, 2))
         self.assertEqual(len(await store.records()), 2)
 
     async def test_close_reports_a_failed_last_commit(self) -> None:
@@ -1085,8 +1086,12 @@ class SQLiteBatchingTests(SynchronousTestCase):
         self.assertEqual(reactor.triggers, {})
 
     def test_close_commits_at_once_despite_retry_delay(self) -> None:
-        flaky(self.store).fail_commits = True
         put(self.store, "n1", "u1", "1")
+        self.clock.advance(0)
+        self.pool.run_next()
+        flaky(self.store).fail_commits = True
+        self.store.acknowledged("n1", "u1", 1, deleted=False)  # kept when its commit fails
+        put(self.store, "n1", "u2", "1")  # refused: rolled back
         self.clock.advance(0)
         self.pool.run_next()
         self.flushLoggedErrors(sqlite3.OperationalError)
@@ -1096,7 +1101,9 @@ class SQLiteBatchingTests(SynchronousTestCase):
         self.successResultOf(closed)
         self.assertTrue(self.pool.stopped)
         reopened = SQLiteSyncStore(self.store.path, self.clock)
-        self.assertEqual([r.uid for r in reopened.load()], ["u1"])
+        self.assertEqual(
+            [(r.uid, r.pending, r.acked_version) for r in reopened.load()], [("u1", None, 1)]
+        )
         self.successResultOf(reopened.close())
 
 
@@ -1120,7 +1127,8 @@ _operation = st.one_of(
 
 class SQLiteMatchesMemoryTests(SynchronousTestCase):
     """Any interleaving of writes, turns, commits and failed commits ends as applying the writes
-    one by one does (the in-memory store), in the file and after reopening it.
+    one by one does (the in-memory store), in the file and after reopening it; but the
+    put_pending writes of a failed commit, which were refused (issue 18: rolled back).
 
     Tombstones included: with the default retention none expires; with a 3 s retention and a
     5 s purge interval (each turn is 1 s) they expire, are purged, and are written to while
@@ -1149,8 +1157,25 @@ class SQLiteMatchesMemoryTests(SynchronousTestCase):
             retry_delay=1.0,
             **timing,
         )
-        reference = MemorySyncStore(clock, **timing)
-        for operation in operations:
+        # Which batch each put went to (the buffer it joined), and which batches failed.
+        buffers: list[Any] = []  # kept alive, so that their ids stay theirs
+        put_in: dict[int, int] = {}  # index of a put operation -> id of its buffer
+        failed: set[int] = set()
+        commit_failed = store._commit_failed
+
+        def failing(failure: Failure, batch: Any) -> None:
+            failed.add(id(batch.changes))
+            buffered = id(store._buffer)
+            commit_failed(failure, batch)
+            # What was buffered goes on in a new buffer (under the kept writes).
+            buffers.append(store._buffer)
+            for index, buffer in put_in.items():
+                if buffer == buffered:
+                    put_in[index] = id(store._buffer)
+
+        store._commit_failed = failing  # type: ignore[method-assign]
+        messages: dict[int, Message] = {}
+        for index, operation in enumerate(operations):
             kind = operation[0]
             if kind == "turn":
                 clock.advance(1)  # 1: past the retry delay too
@@ -1162,15 +1187,32 @@ class SQLiteMatchesMemoryTests(SynchronousTestCase):
                 flaky(store).fail_commits = False
             else:
                 if kind == "put":  # one message for both, so the two records compare equal
-                    operation = (*operation, message(operation[1][1], str(operation[2])))
-                for target in (store, reference):
-                    _apply(target, operation)
+                    messages[index] = message(operation[1][1], str(operation[2]))
+                    operation = (*operation, messages[index])
+                _apply(store, operation)
+                if kind == "put":
+                    buffers.append(store._buffer)
+                    put_in[index] = id(store._buffer)
         flushed = store.flush()
         for _ in range(5):
             pool.run_all()
             clock.advance(1)
         self.successResultOf(flushed)
         self.flushLoggedErrors(sqlite3.OperationalError)
+        # The reference: the same writes at the same times, but the refused puts.
+        store_clock, clock = clock, ThreadlessReactor()
+        reference = MemorySyncStore(clock, **timing)
+        for index, operation in enumerate(operations):
+            kind = operation[0]
+            if kind == "turn":
+                clock.advance(1)
+            elif kind == "put" and put_in[index] in failed:
+                reference._next_seq()  # the store took a seq for it too
+            elif kind not in ("commit", "failed_commit"):
+                if kind == "put":
+                    operation = (*operation, messages[index])
+                _apply(reference, operation)
+        clock.advance(store_clock.seconds() - clock.seconds())  # the final flush's turns
         expected = reference.load()
         self.assertEqual(store.load(), expected)
         self.assertEqual(

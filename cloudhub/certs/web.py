@@ -845,9 +845,10 @@ def certificate_site(
     root.putChild(b"ca.crt", CACertificate(authority))
     root.putChild(b"edge.crt", EdgeCertificate(authority, tokens, limiter, counters))
     root.putChild(b"nodeupgrade", NodeUpgrade(counters, on_node_upgrade))
-    readiness = Readiness(ready)
-    root.putChild(b"readyz", readiness)
-    root.putChild(b"healthz", readiness)
+    root.putChild(b"readyz", Readiness(ready))
+    # Liveness: the process serves. Not ready (a store failing, say) is no reason to restart
+    # it: a restart frees no disk.
+    root.putChild(b"healthz", Readiness(lambda: True))
     # Idle connections close after a minute (twisted.web's default is 12 hours): edgecore
     # dials again when it needs the server, and a pile of idle sockets is a cheap attack.
     site = CertificateSite(

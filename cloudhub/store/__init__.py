@@ -12,6 +12,8 @@ from typing import Any
 from cloudhub.store.interfaces import (
     DEFAULT_TOMBSTONE_RETENTION,
     ISyncStore,
+    RollbackListener,
+    RolledBack,
     StoreClosed,
     StoreError,
     StoreSchemaError,
@@ -26,6 +28,8 @@ __all__ = [
     "SYNCHRONOUS_MODES",
     "ISyncStore",
     "MemorySyncStore",
+    "RollbackListener",
+    "RolledBack",
     "SQLiteSyncStore",
     "StoreClosed",
     "StoreError",

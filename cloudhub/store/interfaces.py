@@ -8,6 +8,7 @@ accepted is lost by a disconnect or a ``kill -9`` of the hub.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,8 +32,10 @@ DEFAULT_TOMBSTONE_PURGE_INTERVAL = 3600.0
 class StoreError(CloudHubError):
     """The sync store could not open, read or commit; the message names the file and why.
 
-    A failed commit fails the ``flush()`` Deferreds waiting for it (the HTTP API answers 5xx);
-    the changes stay buffered and are tried again with the next batch.
+    A failed commit fails the ``flush()`` Deferreds waiting for it (the HTTP API answers 503:
+    not accepted) and rolls back the ``put_pending`` writes it carried (see
+    :class:`RolledBack`): they are never committed later. Its other writes stay buffered and
+    are tried again with the next batch.
     """
 
 
@@ -103,6 +106,26 @@ class SyncRecord:
     deleted_at: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RolledBack:
+    """A ``put_pending`` of a commit that failed: its message was not accepted.
+
+    ``msg_id`` is the message's (the last one put for the object in that commit);
+    ``record`` what the store holds for the object now (the durable record, with the writes
+    still to be committed applied; None: nothing), whose ``pending`` message is owed again if
+    the rolled-back one had replaced it; ``error`` what the message's waiters are failed with.
+    """
+
+    node_id: str
+    uid: str
+    msg_id: str
+    record: SyncRecord | None
+    error: StoreError
+
+
+RollbackListener = Callable[[list[RolledBack]], object]
+
+
 class ISyncStore(Interface):
     """Durable per-node delivery state. Every method is called from the reactor thread.
 
@@ -119,6 +142,16 @@ class ISyncStore(Interface):
     """
 
     tombstone_retention = Attribute("Seconds an acknowledged delete is remembered (float).")
+    failing = Attribute(
+        "None while commits succeed; while they fail, why (str). Readiness follows it: a store "
+        "that cannot commit accepts nothing. A store that never fails keeps None."
+    )
+    on_rollback = Attribute(
+        "A RollbackListener or None, set by the hub: called, in the reactor thread and before "
+        "the failed flush() Deferreds fire, with the puts a failed commit rolled back, so the "
+        "node queues forget those messages (and owe again what they had replaced). A store "
+        "that never fails never calls it."
+    )
 
     def load() -> list[SyncRecord]:
         """Every record, ordered by ``seq``. Called once at startup, before any write; may block."""
@@ -170,8 +203,9 @@ class ISyncStore(Interface):
     def flush() -> Deferred[None]:
         """Fires once every write handed in before this call is durable.
 
-        Fails with :class:`StoreError` when the commit failed. Callers in the same reactor turn
-        share one commit.
+        Fails with :class:`StoreError` when the commit failed: then the messages put in that
+        commit were not accepted and are rolled back (``on_rollback``), never written later.
+        Callers in the same reactor turn share one commit.
         """
 
     def records(node_id: str | None = None) -> Deferred[list[SyncRecord]]:

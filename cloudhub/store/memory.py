@@ -19,6 +19,7 @@ from cloudhub.store.interfaces import (
     DEFAULT_TOMBSTONE_PURGE_INTERVAL,
     DEFAULT_TOMBSTONE_RETENTION,
     ISyncStore,
+    RollbackListener,
     StoreClosed,
     SyncRecord,
     check_seconds,
@@ -64,6 +65,10 @@ class MemorySyncStore:
         self._purge_interval = check_seconds("purge_interval", purge_interval)
         self._tombstones: dict[tuple[str, str], None] = {}  # keys of rows with deleted_at
         self._next_purge = float("-inf")  # the first write purges
+        # ISyncStore: this store never fails a commit, so it is never failing and never
+        # rolls anything back (on_rollback is kept for the hub, never called).
+        self.failing: str | None = None
+        self.on_rollback: RollbackListener | None = None
 
     def _check_open(self) -> None:
         if self._closed:

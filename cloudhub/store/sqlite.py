@@ -12,6 +12,18 @@ open) so that :meth:`SQLiteSyncStore.deleted_version` answers without I/O. Expir
 deleted by the first commit after the store opens, then at most every ``purge_interval``
 seconds, on a write, as ordinary deletes of the batch.
 
+A failed commit (a full disk, an I/O error) refuses the messages of its batch: every
+``flush()`` waiting for that batch fails, so each caller was told "not accepted" (the API
+answers 503), and the batch's ``put_pending`` writes are rolled back, in the store and, through
+:attr:`SQLiteSyncStore.on_rollback`, in the node queues: they are never retried, never
+delivered later. The batch's other writes (acknowledgements, attempts, withdrawals, tombstone
+purges) promise nothing to a caller and record what already happened on the edge: they stay
+buffered, under the writes that came in since, and are tried again ``retry_delay`` seconds
+later. While commits fail, :attr:`SQLiteSyncStore.failing` says why (readiness probes answer
+503), a probe commit is tried every ``retry_delay`` even with nothing buffered, and the log
+gets the first failure with its traceback, then one line per ``log_interval`` seconds, then one
+line when a commit succeeds again.
+
 Schema versions (``PRAGMA user_version``): 1 (cloudhub up to issue 18), 2 (adds
 ``deleted_at`` and its index). A version-1 file is migrated when it is opened; a file of a
 newer version is refused.
@@ -48,6 +60,8 @@ from cloudhub.store.interfaces import (
     DEFAULT_TOMBSTONE_PURGE_INTERVAL,
     DEFAULT_TOMBSTONE_RETENTION,
     ISyncStore,
+    RollbackListener,
+    RolledBack,
     StoreClosed,
     StoreError,
     StoreSchemaError,
@@ -62,6 +76,8 @@ log = Logger()
 SCHEMA_VERSION = 2  # PRAGMA user_version of the files this module writes
 SYNCHRONOUS_MODES = ("NORMAL", "FULL", "EXTRA")
 WAL_AUTOCHECKPOINT_PAGES = 4000
+# While commits fail: at most one log line per this many seconds (the first has the traceback).
+FAILURE_LOG_INTERVAL = 60.0
 # Text of one JSON statement's rows (a row longer than this goes alone).
 JSON_CHUNK_CHARS = 4 * 1024 * 1024
 
@@ -196,6 +212,20 @@ class _Batch:
     changes: dict[Key, _Change]
     waiters: list[Deferred[None]] = field(default_factory=list)
     purge_before: float | None = None  # first delete tombstones with deleted_at <= this
+    # The same writes but the put_pending ones: what is tried again if the commit fails.
+    kept: dict[Key, _Change] = field(default_factory=dict)
+    # (node, uid) -> msg_id of the batch's last put_pending for it: rolled back on failure.
+    puts: dict[Key, str] = field(default_factory=dict)
+
+
+class _CommitFailed(Exception):
+    """A batch's commit failed (``error``); ``rows`` are the rows of the keys it put, as the
+    file holds them after the rollback (None when they could not be read)."""
+
+    def __init__(self, error: BaseException, rows: dict[Key, dict[str, Any]] | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.rows = rows
 
 
 # --- database work (writer thread, or startup) -------------------------------------------------
@@ -275,6 +305,10 @@ def _write_batch(
     # Rows are grouped by the columns they set (in the order the writes set them).
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if not changes and purge_before is None:
+            # A probe while commits fail: it must write something to tell a disk that has
+            # room again from one that has not (one page, in the WAL).
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         if purge_before is not None:
             conn.execute(_PURGE, (purge_before,))
         if deletes:
@@ -287,6 +321,66 @@ def _write_batch(
     except BaseException:
         _rollback(conn)
         raise
+
+
+def _commit(
+    conn: sqlite3.Connection,
+    changes: dict[Key, _Change],
+    purge_before: float | None,
+    read_back: list[Key],
+) -> None:
+    """:func:`_write_batch`; when it fails, :class:`_CommitFailed` with the rows of
+    ``read_back`` as the file holds them (the durable state the failed puts are rolled back
+    to). Runs in the writer thread."""
+    try:
+        _write_batch(conn, changes, purge_before)
+    except Exception as e:
+        rows: dict[Key, dict[str, Any]] | None
+        try:
+            rows = _read_rows(conn, read_back)
+        except sqlite3.Error:
+            rows = None
+        raise _CommitFailed(e, rows) from e
+
+
+_ROW_COLUMNS = ("node_id", "uid", *_NAMES, "seq")
+_SELECT_ROWS = f"SELECT {', '.join(_ROW_COLUMNS)} FROM {_TABLE}"
+
+
+def _read_rows(conn: sqlite3.Connection, keys: list[Key]) -> dict[Key, dict[str, Any]]:
+    """The rows of ``keys`` that exist, as column dicts (``pending`` as stored text)."""
+    found: dict[Key, dict[str, Any]] = {}
+    if not keys:
+        return found
+    if JSON_ROWS and not any(_has_nul(key) for key in keys):
+        cursor = conn.execute(
+            f"{_SELECT_ROWS} WHERE (node_id, uid) IN (SELECT {_columns(2)} FROM json_each(?))",
+            (_json([list(key) for key in keys]),),
+        )
+        rows: list[Any] = cursor.fetchall()
+    else:
+        rows = []
+        for key in keys:
+            rows.extend(conn.execute(f"{_SELECT_ROWS} WHERE node_id = ? AND uid = ?", key))
+    for row in rows:
+        values = dict(zip(_ROW_COLUMNS, row, strict=True))
+        found[(values.pop("node_id"), values.pop("uid"))] = values
+    return found
+
+
+def _after(row: dict[str, Any] | None, change: _Change | None) -> dict[str, Any] | None:
+    """The row ``change`` leaves from ``row`` (None: no row), as a column dict."""
+    if change is None:
+        return row
+    if change.delete:
+        row = None
+    if change.update and row is not None:
+        row = {**row, **change.update}
+    if change.upsert is not None:
+        if row is None:
+            row = {**dict(zip(_NAMES, _DEFAULTS, strict=True)), "seq": change.insert_seq}
+        row = {**row, **change.upsert}
+    return row
 
 
 def _apply(conn: sqlite3.Connection, json_sql: str, row_sql: str, rows: list[Any]) -> None:
@@ -518,7 +612,9 @@ class SQLiteSyncStore:
 
     ``connect`` and ``threadpool`` are for tests (a connection that fails, a pool that runs
     work at once); the store starts and stops the pool, which must have one thread.
-    ``retry_delay`` is how long after a failed commit the buffered changes are tried again.
+    ``retry_delay`` is how long after a failed commit the buffered changes are tried again
+    (or a probe commit made, when nothing is buffered); ``log_interval`` at most how often a
+    commit that keeps failing is logged.
     ``tombstone_retention`` is how long an acknowledged delete is remembered, and
     ``purge_interval`` at most how often expired ones are looked for (seconds, on the
     ``reactor``'s clock, which dates tombstones).
@@ -535,6 +631,7 @@ class SQLiteSyncStore:
         retry_delay: float = 1.0,
         tombstone_retention: float = DEFAULT_TOMBSTONE_RETENTION,
         purge_interval: float = DEFAULT_TOMBSTONE_PURGE_INTERVAL,
+        log_interval: float = FAILURE_LOG_INTERVAL,
     ) -> None:
         mode = synchronous.upper()
         if mode not in SYNCHRONOUS_MODES:
@@ -569,6 +666,8 @@ class SQLiteSyncStore:
         self._shutdown_trigger: Any = None
 
         self._buffer: dict[Key, _Change] = {}
+        self._kept: dict[Key, _Change] = {}  # the buffer's writes but put_pending (see _Batch)
+        self._puts: dict[Key, str] = {}  # the buffer's put_pending: (node, uid) -> msg_id
         self._waiters: list[Deferred[None]] = []  # flushes waiting for the buffer's commit
         self._inflight: _Batch | None = None
         self._scheduled: Any = None  # IDelayedCall of the next batch
@@ -579,10 +678,21 @@ class SQLiteSyncStore:
         self._close_done = False
         self._close_observers: list[Deferred[None]] = []
 
+        # Why commits fail, while they do (None: the last commit succeeded); readiness.
+        self.failing: str | None = None
+        # Called with what a failed commit rolled back (the hub's MessageHandle sets it).
+        self.on_rollback: RollbackListener | None = None
+        self._log_interval = log_interval
+        self._failing_since = 0.0
+        self._failures_unlogged = 0  # failed commits since the last line logged
+        self._refused_unlogged = 0  # messages rolled back since the last line logged
+        self._failures_logged_at = 0.0
+
         # Figures for metrics and benchmarks.
         self.batches_committed = 0
         self.changes_committed = 0
         self.commit_failures = 0
+        self.messages_rolled_back = 0  # put_pending writes refused by a failed commit
 
     def __repr__(self) -> str:
         return f"<SQLiteSyncStore {self.path!r} synchronous={self.synchronous}>"
@@ -614,7 +724,13 @@ class SQLiteSyncStore:
             "deleted_at": None,
         }
         self._tombstones.pop(key, None)
-        self._set_or_create(key, fields)
+        self._puts[key] = message.msg_id
+        change = self._buffer.get(key)
+        if change is None:
+            self._buffer[key] = _Change(upsert=fields, insert_seq=self._last_seq)
+        else:
+            change.set_or_create(fields, self._last_seq)
+        self._schedule()
 
     def acknowledged(self, node_id: str, uid: str, version: int | None, deleted: bool) -> None:
         key = (node_id, uid)
@@ -679,22 +795,27 @@ class SQLiteSyncStore:
     def _forget(self, key: Key) -> None:
         del self._tombstones[key]
         self._buffer[key] = _Change(delete=True)  # whatever was buffered before: gone
+        self._kept[key] = _Change(delete=True)
         self._schedule()
 
     def _set_or_create(self, key: Key, fields: dict[str, Any]) -> None:
-        change = self._buffer.get(key)
-        if change is None:
-            self._buffer[key] = _Change(upsert=fields, insert_seq=self._last_seq)
-        else:
-            change.set_or_create(fields, self._last_seq)
+        """A write other than put_pending: to the buffer and to the kept writes."""
+        seq = self._last_seq
+        for buffer, own in ((self._buffer, fields), (self._kept, dict(fields))):
+            change = buffer.get(key)
+            if change is None:
+                buffer[key] = _Change(upsert=own, insert_seq=seq)
+            else:
+                change.set_or_create(own, seq)
         self._schedule()
 
     def _set_if_present(self, key: Key, fields: dict[str, Any]) -> None:
-        change = self._buffer.get(key)
-        if change is None:
-            self._buffer[key] = _Change(update=fields)
-        else:
-            change.set_if_present(fields)
+        for buffer, own in ((self._buffer, fields), (self._kept, dict(fields))):
+            change = buffer.get(key)
+            if change is None:
+                buffer[key] = _Change(update=own)
+            else:
+                change.set_if_present(own)
         self._schedule()
 
     # --- batching ----------------------------------------------------------------------------
@@ -712,21 +833,24 @@ class SQLiteSyncStore:
         self._scheduled = None
         if self._inflight is not None:
             return  # _committed / _commit_failed start the next one
-        if not self._buffer:
+        if not self._buffer and (self.failing is None or self._closed):
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 waiter.callback(None)
             return
-        batch = _Batch(self._buffer, self._waiters, self._purge_before)
+        # (While commits fail, an empty batch is a probe: see _write_batch.)
+        batch = _Batch(self._buffer, self._waiters, self._purge_before, self._kept, self._puts)
         self._buffer, self._waiters, self._purge_before = {}, [], None
+        self._kept, self._puts = {}, {}
         self._inflight = batch
         done = deferToThreadPool(
             self._reactor,
             self._running_pool(),
-            _write_batch,
+            _commit,
             self._conn,
             batch.changes,
             batch.purge_before,
+            list(batch.puts),
         )
         done.addCallbacks(
             self._committed, self._commit_failed, callbackArgs=(batch,), errbackArgs=(batch,)
@@ -735,36 +859,69 @@ class SQLiteSyncStore:
     def _committed(self, _: None, batch: _Batch) -> None:
         self._inflight = None
         self._retry_at = 0.0
-        self.batches_committed += 1
-        self.changes_committed += len(batch.changes)
+        if batch.changes or batch.purge_before is not None:  # (not a probe)
+            self.batches_committed += 1
+            self.changes_committed += len(batch.changes)
+        if self.failing is not None:
+            self.failing = None
+            log.info(
+                "sync store {path}: commits succeed again, after {seconds:.1f}s of failures "
+                "({count} failed commits, {refused} messages refused since the last report)",
+                path=self.path,
+                seconds=float(self._reactor.seconds()) - self._failing_since,
+                count=self._failures_unlogged,
+                refused=self._refused_unlogged,
+            )
         for waiter in batch.waiters:
             waiter.callback(None)
         if self._buffer and self._inflight is None:
             self._start_batch()  # what came in while this batch committed
 
     def _commit_failed(self, failure: Failure, batch: _Batch) -> None:
+        """The batch is refused: its puts are rolled back, its other writes tried again.
+
+        Every ``flush()`` waiting for this batch fails, so every message it put was answered
+        "not accepted": none may be committed or delivered later. Acknowledgements, attempts,
+        withdrawals and purges record what already happened and promise nothing to a caller:
+        they go back under the writes that came in since, so the next batch still applies
+        everything kept in call order.
+        """
         self._inflight = None
         self.commit_failures += 1
         self._retry_at = self._reactor.seconds() + self._retry_delay
-        # The failed changes go back under the ones that came in since, so nothing handed in
-        # is lost and the next batch still applies everything in call order.
-        merged = dict(batch.changes)
+        rows: dict[Key, dict[str, Any]] | None = None
+        if failure.check(_CommitFailed):
+            failed: _CommitFailed = failure.value  # type: ignore[assignment]
+            rows = failed.rows
+            failure = Failure(failed.error, type(failed.error), failed.error.__traceback__)
+        # (Copies: the buffer's changes are folded into by later writes, the kept ones not.)
+        merged = {key: change.copy() for key, change in batch.kept.items()}
         for key, later in self._buffer.items():
             earlier = merged.get(key)
             merged[key] = later if earlier is None else earlier.then(later)
         self._buffer = merged
+        kept = dict(batch.kept)
+        for key, later in self._kept.items():
+            earlier = kept.get(key)
+            kept[key] = later if earlier is None else earlier.then(later)
+        self._kept = kept
         if batch.purge_before is not None:
             self._purge_before = batch.purge_before  # still before every buffered change
-        log.failure(
-            "sync store {path}: commit of {count} changes failed; they stay buffered and are "
-            "tried again in {delay}s",
-            failure,
-            path=self.path,
-            count=len(batch.changes),
-            delay=self._retry_delay,
+        reason = str(failure.value) or failure.value.__class__.__name__
+        error = StoreError(
+            f"sync store {self.path}: commit failed: {reason}; the messages of this commit "
+            "were not accepted"
         )
-        error = StoreError(f"sync store {self.path}: commit failed: {failure.value}")
         error.__cause__ = failure.value
+        rolled_back = self._roll_back(batch, rows, error)
+        self._log_failure(failure, reason, len(batch.changes), len(rolled_back))
+        if rolled_back and self.on_rollback is not None:
+            try:
+                self.on_rollback(rolled_back)
+            except Exception:
+                log.failure(
+                    "sync store {path}: rolling back the node queues failed", path=self.path
+                )
         for waiter in batch.waiters:
             waiter.errback(Failure(error))
         if self._closed and not self._close_done:
@@ -772,8 +929,103 @@ class SQLiteSyncStore:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 waiter.errback(Failure(error))
-        elif self._buffer:
-            self._schedule()
+        elif not self._closed:
+            self._schedule()  # what is buffered, or a probe: until a commit succeeds
+
+    def _roll_back(
+        self, batch: _Batch, rows: dict[Key, dict[str, Any]] | None, error: StoreError
+    ) -> list[RolledBack]:
+        """What the failed batch's puts leave, per object: the row in the file with the
+        writes still buffered applied (those will be committed). The in-memory tombstones
+        follow it (a rolled-back re-create leaves the tombstone it ended)."""
+        if not batch.puts:
+            return []
+        if rows is None:
+            log.error(
+                "sync store {path}: after a failed commit, the records of its {count} "
+                "messages could not be read back; older versions they replaced are owed "
+                "again only after a restart",
+                path=self.path,
+                count=len(batch.puts),
+            )
+        self.messages_rolled_back += len(batch.puts)
+        self._refused_unlogged += len(batch.puts)
+        result: list[RolledBack] = []
+        for key, msg_id in batch.puts.items():
+            node_id, uid = key
+            record: SyncRecord | None = None
+            if rows is not None:
+                row = _after(rows.get(key), self._buffer.get(key))
+                if row is not None:
+                    record = self._record_of(key, row)
+                deleted_at = row.get("deleted_at") if row is not None else None
+                self._tombstones.pop(key, None)
+                if record is not None and deleted_at is not None:
+                    self._tombstones[key] = (record.acked_version, deleted_at)
+            result.append(RolledBack(node_id, uid, msg_id, record, error))
+        return result
+
+    def _record_of(self, key: Key, row: dict[str, Any]) -> SyncRecord:
+        pending: Message | None = None
+        if row.get("pending") is not None:
+            try:
+                pending = decode_pending(row["pending"], *key)
+            except StoreError as e:
+                log.error("sync store {path}: {error}", path=self.path, error=e)
+        acked = row.get("acked_version")
+        return SyncRecord(
+            node_id=key[0],
+            uid=key[1],
+            kind=row.get("kind") or "",
+            namespace=row.get("namespace") or "null",
+            name=row.get("name") or "",
+            resource=row.get("resource") or "",
+            acked_version=None if acked is None else int(acked),
+            pending=pending,
+            seq=int(row.get("seq") or 0),
+            attempts=int(row.get("attempts") or 0),
+            last_error=row.get("last_error") or "",
+            deleted_at=row.get("deleted_at"),
+        )
+
+    def _log_failure(self, failure: Failure, reason: str, changes: int, refused: int) -> None:
+        """The first failure with its traceback; then a line per ``log_interval`` at most."""
+        now = float(self._reactor.seconds())
+        if self.failing is None:
+            self.failing = reason
+            self._failing_since = self._failures_logged_at = now
+            self._failures_unlogged = 0
+            self._refused_unlogged = 0
+            log.failure(
+                "sync store {path}: commit of {count} changes failed; its {refused} messages "
+                "were refused (not accepted, rolled back); acknowledgements and attempts stay "
+                "buffered and are tried again every {delay}s; further failures are logged at "
+                "most every {interval}s",
+                failure,
+                path=self.path,
+                count=changes,
+                refused=refused,
+                delay=self._retry_delay,
+                interval=self._log_interval,
+            )
+            return
+        self.failing = reason
+        self._failures_unlogged += 1
+        if now - self._failures_logged_at < self._log_interval:
+            return
+        log.error(
+            "sync store {path}: commits still failing ({reason}): {count} failed commits and "
+            "{refused} messages refused in the last {seconds:.0f}s, failing for {total:.0f}s",
+            path=self.path,
+            reason=reason,
+            count=self._failures_unlogged,
+            refused=self._refused_unlogged,
+            seconds=now - self._failures_logged_at,
+            total=now - self._failing_since,
+        )
+        self._failures_logged_at = now
+        self._failures_unlogged = 0
+        self._refused_unlogged = 0
 
     def _running_pool(self) -> ThreadPool:
         if not self._pool_running:
@@ -796,11 +1048,12 @@ class SQLiteSyncStore:
 
     def _flush(self) -> Deferred[None]:
         done: Deferred[None] = Deferred()
+        inflight = self._inflight
         if self._buffer:
             self._waiters.append(done)
             self._schedule()
-        elif self._inflight is not None:
-            self._inflight.waiters.append(done)
+        elif inflight is not None and (inflight.changes or inflight.purge_before is not None):
+            inflight.waiters.append(done)  # (not a probe: that carries nothing handed in)
         else:
             done.callback(None)
         return done

@@ -86,6 +86,7 @@ from cloudhub.interfaces import (
     IConnection,
     IConnectionHandler,
 )
+from cloudhub.limits import handshake_admission
 from cloudhub.listening import ListeningService
 from cloudhub.model import Message
 from cloudhub.nodeid import validate_node_id
@@ -860,4 +861,7 @@ def websocket_listener(
     endpoint = server_endpoint(
         reactor, settings.endpoint, settings.address, settings.port, config.hub.listen_backlog
     )
-    return ListeningService("websocket", endpoint, tls)
+    # New handshakes at a bounded pace, so a reconnect storm cannot starve connected nodes;
+    # nothing stays in the way of an admitted connection.
+    admission = handshake_admission(tls, config.hub.limits.websocket, reactor)
+    return ListeningService("websocket", endpoint, admission)
