@@ -118,3 +118,35 @@ class ApiLimitsTests(TestCase):
         refused = samples(metrics, "cloudhub_http_refused_total")
         self.assertEqual(refused[(("listener", "api"), ("reason", "uri_too_long"))], 1)
         self.assertEqual(refused[(("listener", "api"), ("reason", "headers_too_large"))], 1)
+
+
+class HandshakeAdmissionMetricsTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_admitted_edges_counted_on_the_running_hub(self):
+        from cloudhub.edge.bootstrap import bootstrap
+        from cloudhub.edge.client import EdgeNode
+
+        hub = CloudHubService(
+            parse_config(hub_config(os.path.abspath(self.mktemp())).as_dict()), reactor=reactor
+        )
+        self.addCleanup(hub.stopService)
+        yield hub.startService()
+        url = f"https://127.0.0.1:{hub.port('https')}"
+        credentials = yield bootstrap(reactor, url, hub.tokens.current, "edge-1")
+        node = EdgeNode(reactor, "edge-1", "127.0.0.1", hub.port("websocket"), credentials)
+        self.addCleanup(node.stop)
+        yield node.start()
+        yield wait_for(lambda: hub.upstream.is_connected("edge-1"))
+        metrics = yield readBody(
+            (
+                yield Agent(reactor).request(
+                    b"GET", f"http://127.0.0.1:{hub.port('api')}/metrics".encode()
+                )
+            )
+        )
+        admissions = samples(metrics, "cloudhub_handshake_admissions_total")
+        self.assertEqual(admissions[(("outcome", "admitted"), ("transport", "websocket"))], 1)
+        waiting = samples(metrics, "cloudhub_handshakes_waiting")
+        self.assertEqual(waiting[(("transport", "websocket"),)], 0)
