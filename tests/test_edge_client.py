@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from cloudhub.edge.client import DEFAULT_PROJECT_ID, CloseInfo, EdgeNode
 from cloudhub.edge.metamanager import MetaStore
@@ -565,3 +565,42 @@ class MaskPoolTests(SynchronousTestCase):
         self.assertGreater(len(set(masks)), len(masks) * 0.99)  # 32 random bits each
         pool.reset()
         self.assertNotIn(pool.take(), masks[-3:])
+
+
+class HalfOpenTests(TestCase):
+    """After a partition heals, a Python edge notices its dead connection within two
+    heartbeats (TCP_USER_TIMEOUT) instead of TCP's retransmission backoff (make chaos)."""
+
+    timeout = 60
+
+    async def test_user_timeout_is_two_heartbeats(self) -> None:
+        import os
+        import socket
+
+        from twisted.internet import reactor
+
+        from cloudhub.edge.bootstrap import bootstrap
+        from cloudhub.edge.client import EdgeNode
+        from cloudhub.service import CloudHubService
+
+        from .test_integration_ws import hub_config, wait_for
+
+        if not hasattr(socket, "TCP_USER_TIMEOUT"):
+            raise SkipTest("no TCP_USER_TIMEOUT on this platform")
+        hub = CloudHubService(hub_config(os.path.abspath(self.mktemp())), reactor=reactor)
+        self.addCleanup(hub.stopService)
+        await hub.startService()
+        assert hub.tokens is not None
+        url = f"https://127.0.0.1:{hub.port('https')}"
+        credentials = await bootstrap(reactor, url, hub.tokens.current, "edge-1")
+        node = EdgeNode(
+            reactor, "edge-1", "127.0.0.1", hub.port("websocket"), credentials, heartbeat=7
+        )
+        self.addCleanup(node.stop)
+        await node.start()
+        await wait_for(lambda: hub.upstream.is_connected("edge-1"))
+        transport = node._link.transport  # type: ignore[union-attr]
+        while not isinstance(transport.getHandle(), socket.socket):
+            transport = transport.transport
+        value = transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        self.assertEqual(value, 14_000)

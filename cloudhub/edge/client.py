@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import os
 import random as _random
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -133,6 +134,24 @@ def edge_client_factory(reactor: Reactor) -> WebSocketClientFactory:
     )
     factory.protocol = with_factory_options(_EdgeProtocol, factory)
     return factory
+
+
+def set_user_timeout(transport: Any, seconds: float) -> bool:
+    """``TCP_USER_TIMEOUT`` on the socket under ``transport`` (TLS wrappers included), where the
+    platform has it (Linux): data unacknowledged that long ends the connection."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    for _ in range(4):  # TLS transport → TCP transport → socket
+        if transport is None or option is None:
+            return False
+        handle = getattr(transport, "getHandle", lambda: None)()
+        if isinstance(handle, socket.socket):
+            try:
+                handle.setsockopt(socket.IPPROTO_TCP, option, max(1, int(seconds * 1000)))
+            except OSError:
+                return False
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 class _EdgeProtocol(LeanProtocolMixin, WebSocketClientProtocol):  # type: ignore[misc]
@@ -358,6 +377,11 @@ class EdgeNode(EdgeNodeBase[_EdgeProtocol]):
 
     def _transport_connected(self, protocol: _EdgeProtocol) -> None:
         self._connecting = None
+        # A partition that heals leaves this end of the connection half-open: the hub writes
+        # nothing between messages, so only our unacknowledged keepalives can tell, and TCP's
+        # retransmission backoff takes a minute or more to give up (make chaos: ~54 s). Give
+        # up after two heartbeats without an acknowledgement instead.
+        set_user_timeout(protocol.transport, 2 * self.heartbeat)
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
