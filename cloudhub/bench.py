@@ -640,7 +640,13 @@ class HubRunner:
         config = parse_config(
             {
                 "cloudHub": cloudhub,
-                "hub": {"dataDir": base, "store": {"type": "sqlite"}, "api": api},
+                "hub": {
+                    "dataDir": base,
+                    "store": {"type": "sqlite"},
+                    "api": api,
+                    # The simulated edges share one certificate (named "bench"): as KubeEdge.
+                    "nodeIdentity": "off",
+                },
             }
         )
         self.config = config
