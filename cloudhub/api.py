@@ -17,9 +17,12 @@ Every answer but the event stream and the metrics is JSON; errors are ``{"error"
 with the status that says what went wrong: 400 bad message or parameter, 401 no or wrong
 bearer token (when one is configured; every path needs it), 404, 405, 409 a stale version (or
 a message superseded while waiting for its ACK), 410 a no-ACK message dropped while waiting,
-413 a body over ``hub.maxMessageSize`` (refused before it is read), 503 the sync store failed
-or the hub is shutting down, 504 no ACK in time (the message stays queued). An unexpected
-exception is logged and answered with a bare 500, never a traceback.
+413 a body over ``hub.maxMessageSize`` (refused before it is read), 429 the node is owed as
+much as one node may be (``hub.limits.nodeMessages`` / ``nodeBytes``: retry once it caught
+up), 503 the sync store failed or the hub is shutting down, 504 no ACK in time (the message
+stays queued), 507 the hub's budget over all nodes is spent (``hub.limits.totalMessages`` /
+``totalBytes`` / ``unknownNodes``; :mod:`cloudhub.budget`). An unexpected exception is logged
+and answered with a bare 500, never a traceback.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import re
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, gatherResults, succeed
 from twisted.internet.interfaces import IProtocolFactory, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -45,6 +50,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from cloudhub import model, wire
+from cloudhub.budget import HubOverLimit, OverLimit
 from cloudhub.certs.web import BoundedRequest, HttpLimits, bound_http
 from cloudhub.config import HubConfig
 from cloudhub.endpoints import server_endpoint
@@ -92,6 +98,13 @@ CLOSE_TIMEOUT = 5.0  # seconds open API connections get to close at shutdown bef
 JSON_TYPE = b"application/json"
 # Batch entries judged per reactor turn (POST /v1/messages): ~10-20 ms of work each.
 BATCH_SLICE = 500
+# Batches judged at once (hub.limits.api.batches); more wait their turn, holding their body
+# only (entries are parsed a slice at a time while judged).
+MAX_CONCURRENT_BATCHES = 2
+TOO_MANY_REQUESTS = 429
+INSUFFICIENT_STORAGE = 507
+# Reason phrases twisted.web does not know (it would say "Unknown Status").
+_PHRASES = {TOO_MANY_REQUESTS: b"Too Many Requests", INSUFFICIENT_STORAGE: b"Insufficient Storage"}
 # Answered without the bearer token: probes (Kubernetes, load balancers) carry none.
 PROBE_PATHS = frozenset({b"/readyz", b"/healthz"})
 NDJSON_TYPES = frozenset({b"application/x-ndjson", b"application/ndjson", b"application/jsonl"})
@@ -138,7 +151,16 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def _refusal(error: MessageRefused) -> ApiError:
-    """The answer to a message the hub did not take (protocol §6.3 rules, cloudhub.queue)."""
+    """The answer to a message the hub did not take (protocol §6.3 rules, cloudhub.queue;
+    limits, cloudhub.budget: 429 for a node's, 507 for the hub's)."""
+    if isinstance(error, OverLimit):
+        return ApiError(
+            INSUFFICIENT_STORAGE if isinstance(error, HubOverLimit) else TOO_MANY_REQUESTS,
+            str(error),
+            reason="over_limit",
+            limit=error.limit,
+            value=error.value,
+        )
     if isinstance(error, StaleMessage):
         return ApiError(
             http.CONFLICT,
@@ -272,6 +294,116 @@ def parse_batch(body: bytes, ndjson: bool) -> list[Any]:
                     document[index] = _BadEntry(problem)
         return document  # type: ignore[no-any-return]
     return [parse_batch_line(number, line) for number, line in batch_lines(body)]
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _after_space(text: str, at: int) -> int:
+    match = _JSON_SPACE.match(text, at)  # always matches (possibly nothing)
+    return match.end() if match is not None else at
+
+
+def _ignored(_: str) -> None:
+    return None
+
+
+# Checks a JSON value's syntax and finds its end, building as little as it can (numbers are
+# not converted); what it returns is thrown away.
+_skim_value = json.JSONDecoder(  # type: ignore[attr-defined]
+    parse_float=_ignored, parse_int=_ignored, parse_constant=_ignored
+).scan_once
+
+
+def _skim(text: str, start: int) -> int:
+    """The end of the JSON value at ``start``; 400 as :func:`parse_document` when none."""
+    try:
+        _, end = _skim_value(text, start)
+    except StopIteration as stop:
+        raise ApiError(
+            http.BAD_REQUEST,
+            f"request body is not valid JSON: expecting a value at char {stop.value}",
+        ) from None
+    except ValueError as error:
+        raise ApiError(http.BAD_REQUEST, f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(
+            http.BAD_REQUEST, "request body is not valid JSON: nested too deeply"
+        ) from None
+    return end  # type: ignore[no-any-return]
+
+
+def _array_spans(text: str) -> array[int]:
+    """Where each entry of a JSON array body is: ``[start0, end0, start1, end1, ...]``.
+
+    The whole body is checked (400 as :func:`parse_batch` when it is not one JSON array) but
+    no entry is kept: they are parsed again, a slice at a time, as they are judged.
+    """
+    at = _after_space(text, 0)
+    if text[at : at + 1] != "[":
+        _skim(text, at)  # not JSON at all: say where
+        raise ApiError(http.BAD_REQUEST, "request body must be a JSON array of entries")
+    spans = array("q")
+    at = _after_space(text, at + 1)
+    if text[at : at + 1] == "]":
+        end = at + 1
+    else:
+        while True:
+            end = _skim(text, at)
+            spans.append(at)
+            spans.append(end)
+            at = _after_space(text, end)
+            delimiter = text[at : at + 1]
+            if delimiter == ",":
+                at = _after_space(text, at + 1)
+            elif delimiter == "]":
+                end = at + 1
+                break
+            else:
+                raise ApiError(
+                    http.BAD_REQUEST,
+                    f"request body is not valid JSON: expecting ',' delimiter at char {at}",
+                )
+    if _after_space(text, end) != len(text):
+        raise ApiError(
+            http.BAD_REQUEST, f"request body is not valid JSON: extra data at char {end}"
+        )
+    return spans
+
+
+def _array_entry(text: str) -> Any:
+    """One entry of a JSON array body (its text), as :func:`parse_batch` would have it."""
+    try:
+        value, suspect = wire.unmarshal_unchecked(text)
+        if suspect:
+            problem = wire.value_problem(value)
+            if problem is not None:
+                return _BadEntry(problem)
+    except RecursionError:
+        return _BadEntry("the entry is nested too deeply")
+    except DecodeError as e:  # not expected: _array_spans checked it
+        return _BadEntry(f"the entry is {e}")
+    return value
+
+
+def _ndjson_spans(body: bytes) -> array[int]:
+    """The non-blank lines of an NDJSON body: ``[number, start, end, ...]`` (numbers from 1);
+    400 if none. (:func:`batch_lines` with offsets instead of copies.)"""
+    spans = array("q")
+    size = len(body)
+    at = 0
+    number = 0
+    while at <= size:
+        end = body.find(b"\n", at)
+        if end < 0:
+            end = size
+        number += 1
+        if body[at:end].strip():
+            spans.extend((number, at, end))
+        at = end + 1
+    if not spans:
+        raise ApiError(http.BAD_REQUEST, "request body is empty: expected NDJSON entries")
+    return spans
 
 
 def batch_lines(body: bytes) -> list[tuple[int, bytes]]:
@@ -648,9 +780,14 @@ class ApiResource(Resource):
         ready: Callable[[], bool] = lambda: True,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         stream_buffer: int = STREAM_BUFFER,
+        max_batches: int = MAX_CONCURRENT_BATCHES,
     ) -> None:
         super().__init__()
+        if max_batches < 1:
+            raise ValueError(f"max_batches must be 1 or more, not {max_batches}")
         self.ready = ready
+        # POST /v1/messages judged at once (the others wait, their bodies unread).
+        self._batches = DeferredSemaphore(max_batches)
         self.upstream = upstream
         self.store = store
         self.reactor = reactor
@@ -761,7 +898,7 @@ class ApiResource(Resource):
 
     def _render_reply(self, request: Request, reply: _Reply) -> bytes:
         body = _json_bytes(reply.body)
-        request.setResponseCode(reply.code)
+        request.setResponseCode(reply.code, _PHRASES.get(reply.code))
         request.setHeader(b"Content-Type", JSON_TYPE)
         request.setHeader(b"Cache-Control", b"no-store")
         for name, value in reply.headers.items():
@@ -872,10 +1009,26 @@ class ApiResource(Resource):
     def _post_batch(self, request: Request) -> Deferred[_Reply]:
         """Many messages in one request, one result per entry, durable before the answer.
 
-        Entries are taken :data:`BATCH_SLICE` at a time, one slice per reactor turn, so a
-        large batch does not hold up the nodes' traffic (or another client's batch) while it
-        is read; entries are judged in order whatever the slicing.
+        At most ``max_batches`` batches are judged at once (``hub.limits.api.batches``); the
+        others wait their turn with their body where the HTTP layer put it (a temporary file
+        past 100 KB), so what many large batches cost in memory is bounded (issue 18).
         """
+        if not self.accepting():
+            raise ApiError(http.SERVICE_UNAVAILABLE, "hub shutting down")
+        return self._batches.run(self._judge_batch, request)
+
+    def _judge_batch(self, request: Request) -> Deferred[_Reply]:
+        """The batch's turn: judge its entries.
+
+        The body is checked whole first (a body that is not a JSON array or NDJSON is a 400,
+        nothing accepted) but kept as text, with where each entry is; entries are parsed
+        :data:`BATCH_SLICE` at a time, one slice per reactor turn, so memory follows the body
+        (not ten times it, as the whole parsed document would) and a large batch does not
+        hold up the nodes' traffic (or another client's batch); entries are judged in order
+        whatever the slicing.
+        """
+        if getattr(request, "_disconnected", False):  # gone while waiting: nothing to judge
+            raise _ClientGone()
         if not self.accepting():
             raise ApiError(http.SERVICE_UNAVAILABLE, "hub shutting down")
         content_type = request.getHeader(b"content-type") or b""
@@ -883,11 +1036,15 @@ class ApiResource(Resource):
         content = request.content
         body = content.read() if content is not None else b""
         if ndjson:
-            lines = batch_lines(body)
-            count = len(lines)
+            spans = _ndjson_spans(body)
+            count = len(spans) // 3
+            text = ""
         else:
-            entries = parse_batch(body, ndjson=False)
-            count = len(entries)
+            text = _body_text(body)
+            del body
+            body = b""
+            spans = _array_spans(text)
+            count = len(spans) // 2
         results: list[dict[str, Any] | None] = [None] * count
         accepted = 0
         unavailable: str | None = None  # once the store or the hub fails: the rest's error
@@ -902,9 +1059,14 @@ class ApiResource(Resource):
         def take(start: int) -> None:
             end = min(start + BATCH_SLICE, count)
             if ndjson:
-                chunk = [parse_batch_line(number, line) for number, line in lines[start:end]]
+                chunk = [
+                    parse_batch_line(spans[3 * i], body[spans[3 * i + 1] : spans[3 * i + 2]])
+                    for i in range(start, end)
+                ]
             else:
-                chunk = entries[start:end]
+                chunk = [
+                    _array_entry(text[spans[2 * i] : spans[2 * i + 1]]) for i in range(start, end)
+                ]
             for index, entry in enumerate(chunk, start):
                 try:
                     node, message = batch_message(entry, index)
@@ -940,6 +1102,14 @@ class ApiResource(Resource):
                 if is_ack_mode(message.copy(resource=model.trim_resource(message.resource))):
                     stored.append(index)
                 return {"msg_id": message.msg_id, "status": "accepted"}
+            if isinstance(refused, OverLimit):
+                return {
+                    "msg_id": message.msg_id,
+                    "status": "over_limit",
+                    "error": refused.reason,
+                    "limit": refused.limit,
+                    "value": refused.value,
+                }
             status = "stale" if isinstance(refused, StaleMessage) else "invalid"
             return {"msg_id": message.msg_id, "status": status, "error": refused.reason}
 
@@ -1248,6 +1418,7 @@ def api_site(
     ready: Callable[[], bool] = lambda: True,
     heartbeat_interval: float = HEARTBEAT_INTERVAL,
     stream_buffer: int = STREAM_BUFFER,
+    max_batches: int = MAX_CONCURRENT_BATCHES,
 ) -> ApiSite:
     """The HTTP API as a ``Site`` to listen with (plain TCP; keep it on loopback or set a token).
 
@@ -1256,7 +1427,8 @@ def api_site(
     when non-empty is required as a bearer token on every path, ``/metrics`` included;
     ``metrics_resource`` is served at ``/metrics``; ``accepting()`` False makes writes answer
     503 (shutdown); ``ready()`` answers ``/readyz`` (``/healthz``: the process serves; both
-    without the token, for probes); ``reactor`` runs the ACK timeouts and stream heartbeats.
+    without the token, for probes); ``reactor`` runs the ACK timeouts and stream heartbeats;
+    ``max_batches`` (``hub.limits.api.batches``) batches are judged at once, others wait.
     """
     resource = ApiResource(
         upstream,
@@ -1268,6 +1440,7 @@ def api_site(
         ready=ready,
         heartbeat_interval=heartbeat_interval,
         stream_buffer=stream_buffer,
+        max_batches=max_batches,
     )
     site = ApiSite(resource, requestFactory=ApiRequest, reactor=reactor)
     site.displayTracebacks = False
@@ -1429,11 +1602,15 @@ def openapi_document(*, token_required: bool = False, metrics: bool = True) -> d
                     "Each entry is judged on its own, in order: accepted, stale (version not "
                     "newer than what the node acknowledged or is owed), invalid (malformed "
                     "entry or message, including a number outside float64, NaN, Infinity, a "
-                    "lone surrogate escape or an over-long msg_id) or error (not accepted: the "
+                    "lone surrogate escape or an over-long msg_id), over_limit (the node, or "
+                    "the hub over all nodes, is owed as much as it may be: `limit` names the "
+                    "config key, `value` its value; send it again later, as a single message "
+                    "would get 429 or 507) or error (not accepted: the "
                     "sync store failed or the hub stopped after earlier entries were accepted, "
                     "or an internal error; send it again). 200 once every accepted message is "
                     "durably stored; their delivery shows in /v1/nodes/{node}/objects. A 503 "
-                    "means that no entry was accepted."
+                    "means that no entry was accepted. At most hub.limits.api.batches batches "
+                    "are judged at once; others wait their turn."
                 ),
                 "requestBody": {
                     "required": True,
@@ -1540,6 +1717,20 @@ def openapi_document(*, token_required: bool = False, metrics: bool = True) -> d
                         "full offline backlog (reason dropped)."
                     ),
                     "413": {"description": "The body is larger than hub.maxMessageSize."},
+                    "429": _error_response(
+                        "reason over_limit: the node is owed as many messages or bytes as one "
+                        "node may be (limit hub.limits.nodeMessages or hub.limits.nodeBytes, "
+                        "value): nothing was accepted; send it again once the node has caught "
+                        "up. A newer version of an object already owed is still accepted.",
+                        "OverLimit",
+                    ),
+                    "507": _error_response(
+                        "reason over_limit: the hub's budget over all nodes is spent (limit "
+                        "hub.limits.totalMessages or hub.limits.totalBytes), or too many node "
+                        "ids that have not connected are owed messages "
+                        "(hub.limits.unknownNodes): nothing was accepted.",
+                        "OverLimit",
+                    ),
                     "503": _error_response(
                         "The sync store failed to store the message, or the hub is shutting down."
                     ),
@@ -1808,9 +1999,17 @@ _SCHEMAS: dict[str, Any] = {
                         "msg_id": {"type": "string"},
                         "status": {
                             "type": "string",
-                            "enum": ["accepted", "stale", "invalid", "error"],
+                            "enum": ["accepted", "stale", "invalid", "over_limit", "error"],
                         },
                         "error": {"type": "string"},
+                        "limit": {
+                            "type": "string",
+                            "description": "over_limit: the config key of the limit reached.",
+                        },
+                        "value": {
+                            "type": "integer",
+                            "description": "over_limit: the value of that limit.",
+                        },
                     },
                 },
             },
@@ -1843,6 +2042,26 @@ _SCHEMAS: dict[str, Any] = {
             "error": {"type": "string"},
             "reason": {"type": "string", "enum": ["invalid", "dropped"]},
             "msg_id": {"type": "string"},
+        },
+    },
+    "OverLimit": {
+        "type": "object",
+        "required": ["error", "reason", "limit", "value"],
+        "properties": {
+            "error": {"type": "string"},
+            "reason": {"type": "string", "enum": ["over_limit"]},
+            "limit": {
+                "type": "string",
+                "description": "The config key of the limit reached.",
+                "enum": [
+                    "hub.limits.nodeMessages",
+                    "hub.limits.nodeBytes",
+                    "hub.limits.totalMessages",
+                    "hub.limits.totalBytes",
+                    "hub.limits.unknownNodes",
+                ],
+            },
+            "value": {"type": "integer", "description": "Its value (messages, bytes, nodes)."},
         },
     },
     "Conflict": {

@@ -185,6 +185,12 @@ class HandshakeLimits:
 
 
 @dataclass(frozen=True)
+class ApiConnectionLimits(ConnectionLimits):
+    # Batch requests judged at once; others wait, their bodies unread (in temporary files).
+    batches: int = _key("batches", 2, _at_least(1))
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """What one client may hold of the hub (issue 18): HTTP heads, connections, descriptors."""
 
@@ -203,9 +209,19 @@ class LimitsConfig:
     # Bytes waiting for a peer that does not read (WebSocket, QUIC): over it, dropped at once;
     # data left unsent for cloudHub.writeTimeout seconds drops it too.
     max_output_buffer: int = _key("maxOutputBuffer", 16 * MIB, _at_least(65536))
+    # What may be owed (cloudhub/budget.py; 0: no limit). Bytes are encoded message sizes;
+    # the hub's memory for them is about 3-4 times as much. Per node over: 429; in all: 507.
+    node_messages: int = _key("nodeMessages", 10_000, _at_least(0))
+    node_bytes: int = _key("nodeBytes", 64 * MIB, _at_least(0))
+    total_messages: int = _key("totalMessages", 1_000_000, _at_least(0))
+    total_bytes: int = _key("totalBytes", 256 * MIB, _at_least(0))
+    # Node ids owed something without having connected since the start (restored: known).
+    unknown_nodes: int = _key("unknownNodes", 100_000, _at_least(0))
     websocket: HandshakeLimits = _key("websocket", HandshakeLimits())
     https: ConnectionLimits = _key("https", ConnectionLimits())
-    api: ConnectionLimits = _key("api", ConnectionLimits(max_per_address=0, descriptor_reserve=64))
+    api: ApiConnectionLimits = _key(
+        "api", ApiConnectionLimits(max_per_address=0, descriptor_reserve=64)
+    )
 
 
 @dataclass(frozen=True)

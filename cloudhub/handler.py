@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cloudhub import model
+from cloudhub.budget import Budget, OverLimit
 from cloudhub.errors import (
     DeliveryStopped,
     HubNotRunning,
@@ -73,6 +74,10 @@ class MessageHandle:
     tests). :class:`~cloudhub.service.CloudHubService` builds it with ``running=False`` and
     calls :meth:`attach` once its store is open, :meth:`detach` when it stops: subscribers
     stay across restarts, queues are rebuilt from the store at each start.
+
+    ``budget`` bounds what may be owed per node, in all, and to how many node ids that have
+    not connected (:mod:`cloudhub.budget`; the defaults when not given). Its counts are
+    rebuilt from the store's records at each :meth:`attach`.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class MessageHandle:
         store: ISyncStore | None = None,
         *,
         running: bool = True,
+        budget: Budget | None = None,
     ) -> None:
         self.reactor = reactor
         self.keepalive_interval = keepalive_interval
@@ -91,6 +97,10 @@ class MessageHandle:
         self.retransmit_interval = retransmit_interval
         self.sessions: dict[str, NodeSession] = {}
         self.queues: dict[str, NodeQueue] = {}
+        self.budget = budget if budget is not None else Budget()
+        # Node ids owed something that have not connected since the start and were not
+        # restored from the store: at most budget.unknown_nodes of them.
+        self.unknown_nodes: set[str] = set()
         self._subscribers: list[tuple[MessageCallback, str | None]] = []
         self._event_subscribers: list[EventCallback] = []
         self.stats = HubStats()
@@ -117,6 +127,8 @@ class MessageHandle:
         if hasattr(store, "on_rollback"):
             store.on_rollback = self._rolled_back
         self.queues = {}
+        self.budget.reset()
+        self.unknown_nodes = set()  # nodes restored from the store are known
         restored = 0
         for record in records:
             self._queue(record.node_id).restore(record)
@@ -149,6 +161,8 @@ class MessageHandle:
         queues, self.queues = self.queues, {}
         for queue in queues.values():
             queue.stop_waiting(_stopped_error(queue.node_id))
+        self.budget.reset()
+        self.unknown_nodes = set()
         if getattr(self.store, "on_rollback", None) == self._rolled_back:
             self.store.on_rollback = None  # type: ignore[union-attr]
         self.store = None
@@ -196,6 +210,7 @@ class MessageHandle:
             )
             self._end(old, "replaced by a newer connection")
             old.connection.close(CLOSE_POLICY, "replaced by a newer connection of this node")
+        self.unknown_nodes.discard(node_id)  # known from now on
         session = NodeSession(
             connection,
             self._queue(node_id),
@@ -254,8 +269,24 @@ class MessageHandle:
     def _queue(self, node_id: str) -> NodeQueue:
         queue = self.queues.get(node_id)
         if queue is None:
-            queue = self.queues[node_id] = NodeQueue(node_id, self.store, self.stats)
+            queue = self.queues[node_id] = NodeQueue(node_id, self.store, self.stats, self.budget)
         return queue
+
+    def _new_node(self, node_id: str) -> NodeQueue:
+        """The queue of a node id that has none yet, for a message sent to it: a valid id,
+        and within the budget of node ids that have not connected (raises otherwise)."""
+        _check_node_id(node_id)
+        self.budget.check_unknown(node_id, len(self.unknown_nodes))
+        return self._queue(node_id)
+
+    def _offered(self, queue: NodeQueue, new: bool) -> None:
+        """After an offer to ``queue`` (``new``: made for it): a new queue that owes nothing
+        (the message was refused) is let go, else its node counts as not connected."""
+        if new:
+            if queue.is_idle():
+                del self.queues[queue.node_id]
+            else:
+                self.unknown_nodes.add(queue.node_id)
 
     def _expired(self, session: NodeSession) -> None:
         self.stats.keepalive_timeouts += 1
@@ -296,10 +327,17 @@ class MessageHandle:
         """Queue ``message`` for ``node_id`` (connected or not); see :meth:`NodeQueue.offer`."""
         if not self.running:
             raise HubNotRunning("the hub is not running: nothing was accepted")
-        if node_id not in self.queues:
-            _check_node_id(node_id)
-        message = _to_wire(node_id, message)
-        result = self._queue(node_id).offer(message)
+        queue = self.queues.get(node_id)
+        new = queue is None
+        if queue is None:
+            try:
+                queue = self._new_node(node_id)
+            except OverLimit as refused:  # counted by the budget (refusals, per limit)
+                return fail(refused)
+        try:
+            result = queue.offer(_to_wire(node_id, message))
+        finally:
+            self._offered(queue, new)
         assert result is not None
         if result.called:
             result.addErrback(self._count_refusal)
@@ -308,23 +346,33 @@ class MessageHandle:
     def send_many(self, entries: Iterable[tuple[str, Message]]) -> list[MessageRefused | None]:
         """Queue many messages without a Deferred each: one result per entry, in order.
 
-        ``None`` means accepted; a :class:`MessageRefused` (stale, invalid) says why not. What
+        ``None`` means accepted; a :class:`MessageRefused` (stale, invalid, over a limit:
+        :class:`~cloudhub.budget.OverLimit`) says why not. What
         was accepted is durable once :meth:`flush` fires.
         """
         if not self.running:
             raise HubNotRunning("the hub is not running: nothing was accepted")
         results: list[MessageRefused | None] = []
         stats = self.stats
+        queues = self.queues
         for node_id, message in entries:
+            queue = queues.get(node_id)
+            new = queue is None
             try:
-                if node_id not in self.queues:
-                    _check_node_id(node_id)
-                self._queue(node_id).offer(_to_wire(node_id, message), want_result=False)
+                if queue is None:
+                    queue = self._new_node(node_id)
+                try:
+                    queue.offer(_to_wire(node_id, message), want_result=False)
+                finally:
+                    if new:
+                        self._offered(queue, new)
             except StaleMessage as refused:
                 stats.refused_stale += 1
                 results.append(refused)
             except InvalidMessage as refused:
                 stats.refused_invalid += 1
+                results.append(refused)
+            except OverLimit as refused:  # counted by the budget (refusals, per limit)
                 results.append(refused)
             else:
                 results.append(None)

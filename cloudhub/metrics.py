@@ -502,6 +502,51 @@ class LimitsCollector(Collector):
         yield http_refused
 
 
+class BudgetCollector(Collector):
+    """What is owed against the limits of hub.limits (cloudhub/budget.py), read at scrape time."""
+
+    def __init__(self, handle: MessageHandle) -> None:
+        self.handle = handle
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(read=False)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(read=True)
+
+    def _families(self, read: bool) -> Iterator[Metric]:
+        messages = GaugeMetricFamily(
+            "cloudhub_owed_messages",
+            "Messages owed to nodes, as counted against hub.limits.totalMessages",
+        )
+        owed_bytes = GaugeMetricFamily(
+            "cloudhub_owed_bytes",
+            "Encoded bytes of the messages owed, as counted against hub.limits.totalBytes",
+        )
+        unknown = GaugeMetricFamily(
+            "cloudhub_unknown_nodes",
+            "Node ids owed something without having connected since the start "
+            "(hub.limits.unknownNodes)",
+        )
+        refused = CounterMetricFamily(
+            "cloudhub_over_limit",
+            "Messages refused because a limit was reached (429 per node, 507 for the hub), by "
+            "the limit's config key",
+            labels=["limit"],
+        )
+        budget = getattr(self.handle, "budget", None)
+        if read and budget is not None:
+            messages.add_metric([], budget.messages)
+            owed_bytes.add_metric([], budget.bytes)
+            unknown.add_metric([], len(getattr(self.handle, "unknown_nodes", ())))
+            for limit, count in sorted(budget.refusals.items()):
+                refused.add_metric([limit], count)
+        yield messages
+        yield owed_bytes
+        yield unknown
+        yield refused
+
+
 class HubMetrics:
     """The metrics of one hub: a registry, the collectors, the ACK latency histogram.
 
@@ -526,6 +571,7 @@ class HubMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         if limits is not None:
             self.registry.register(LimitsCollector(limits))
+        self.registry.register(BudgetCollector(handle))
         self.registry.register(HubCollector(handle, certificates))
         if authority is not None:
             self.registry.register(CertificateExpiryCollector(authority))

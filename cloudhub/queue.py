@@ -23,6 +23,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 
 from cloudhub import model, wire
+from cloudhub.budget import Budget, OverLimit
 from cloudhub.errors import (
     InvalidMessage,
     ResourceVersionError,
@@ -86,6 +87,7 @@ class PendingEntry:
         "failures",
         "encoded",
         "floor",
+        "size",
     )
 
     def __init__(
@@ -95,6 +97,7 @@ class PendingEntry:
         version: int | None,
         delete: bool,
         encoded: bytes | None = None,
+        size: int = 0,
     ) -> None:
         self.uid = uid
         self.message = message
@@ -107,21 +110,31 @@ class PendingEntry:
         self.failures = 0  # rounds that ended without an ACK (drives the backoff)
         # For a delete: the version its tombstone will carry (see the module docstring).
         self.floor: int | None = version
+        # Bytes it counts against the budget (its encoded size; see cloudhub.budget).
+        self.size = size
 
 
 class NodeQueue:
     """Everything owed to one node, whether or not it is connected.
 
     ``on_ready`` (set by the node's session while it is connected) is called when there is
-    something new to send.
+    something new to send. ``budget`` (shared by the queues of one hub) bounds what may be
+    owed (:mod:`cloudhub.budget`); a queue without one gets the default limits of its own.
     """
 
     def __init__(
-        self, node_id: str, store: ISyncStore | None = None, stats: HubStats | None = None
+        self,
+        node_id: str,
+        store: ISyncStore | None = None,
+        stats: HubStats | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
         self.stats = stats if stats is not None else HubStats()
+        self.budget = budget if budget is not None else Budget()
+        # Bytes owed: the sizes of the pending entries and of the no-ACK backlog's messages.
+        self.owed_bytes = 0
         self.pending: dict[str, PendingEntry] = {}
         self.ready: dict[str, None] = {}  # uids to send, in order (a dict is an ordered set)
         self.delayed: dict[str, float] = {}  # uid -> time it may be sent again (backoff)
@@ -130,6 +143,9 @@ class NodeQueue:
         # A list, not a deque: an empty deque costs 600 bytes, times 10,000 idle nodes; the
         # front is dropped only when the backlog is full.
         self.no_ack: list[tuple[Message, Deferred[Message] | None]] = []
+        # The encoded size of each no-ACK message in the backlog (0 while connected: taken
+        # at once), counted against the budget's bytes.
+        self.no_ack_sizes: list[int] = []
         self.on_ready: Callable[[], None] | None = None
 
     # --- accepting -------------------------------------------------------------------------
@@ -139,22 +155,24 @@ class NodeQueue:
 
         Returns a Deferred that fires with the message once the edge acknowledges it (ACK
         mode) or once it is written (no-ACK mode); it fails with :class:`StaleMessage`,
-        :class:`InvalidMessage` or later :class:`Superseded`. ``want_result=False`` skips the
-        Deferred for callers that do not wait (returns None; refusals still raise).
+        :class:`InvalidMessage`, :class:`~cloudhub.budget.OverLimit` (the node or the hub is
+        owed as much as it may be) or later :class:`Superseded`. ``want_result=False`` skips
+        the Deferred for callers that do not wait (returns None; refusals still raise).
         """
         if not is_ack_mode(message):
+            try:
+                self._admit_no_ack(message)
+            except OverLimit as refused:
+                if want_result:
+                    return fail(refused)
+                raise
             waiter: Deferred[Message] | None = Deferred() if want_result else None
-            if len(self.no_ack) >= NO_ACK_BACKLOG:
-                _, dropped = self.no_ack.pop(0)
-                self.stats.dropped += 1
-                if dropped is not None:
-                    dropped.errback(InvalidMessage(self.node_id, "no-ACK backlog full, dropped"))
-            self.no_ack.append((message, waiter))
+            self.no_ack[-1] = (message, waiter)
             self._notify()
             return waiter
         try:
             entry = self._admit(message)
-        except (InvalidMessage, StaleMessage) as refused:
+        except (InvalidMessage, StaleMessage, OverLimit) as refused:
             if want_result:
                 return fail(refused)
             raise
@@ -164,6 +182,41 @@ class NodeQueue:
             entry.waiters.append(waiter)
         self._notify()
         return waiter
+
+    def _admit_no_ack(self, message: Message) -> None:
+        # Appended with no waiter yet (offer() sets it): a refusal leaves nothing behind.
+        # Sized only while the node is offline: a session takes the backlog at once.
+        size = len(wire.encode(message)) if self.on_ready is None else 0
+        full = len(self.no_ack) >= NO_ACK_BACKLOG
+        self.budget.check(self, False, size - (self.no_ack_sizes[0] if full else 0))
+        if full:
+            _, dropped = self.no_ack.pop(0)
+            self._release_bytes(self.no_ack_sizes.pop(0))
+            self.stats.dropped += 1
+            if dropped is not None:
+                dropped.errback(InvalidMessage(self.node_id, "no-ACK backlog full, dropped"))
+        self.no_ack.append((message, None))
+        self.no_ack_sizes.append(size)
+        self.owed_bytes += size
+        self.budget.bytes += size
+
+    def _release_bytes(self, size: int) -> None:
+        self.owed_bytes -= size
+        self.budget.bytes -= size
+
+    def _owe(self, entry: PendingEntry) -> None:
+        """Count ``entry``, new in ``pending``, against the budget (O(1))."""
+        self.owed_bytes += entry.size
+        budget = self.budget
+        budget.messages += 1
+        budget.bytes += entry.size
+
+    def _release(self, entry: PendingEntry) -> None:
+        """``entry`` left ``pending`` (acknowledged, superseded, rolled back)."""
+        self.owed_bytes -= entry.size
+        budget = self.budget
+        budget.messages -= 1
+        budget.bytes -= entry.size
 
     def _admit(self, message: Message) -> PendingEntry:
         uid = model.object_uid(message.content)
@@ -203,9 +256,15 @@ class NodeQueue:
             # Not newer than the acknowledged delete: a late retry (deletes too: the edge
             # already acknowledged this delete or a newer one).
             raise self._stale(uid, message, deleted, None)
-        # Encoded once, here, for the store and for every transmission on the JSON lane.
-        encoded = wire.encode(message) if self.store is not None else None
-        entry = PendingEntry(uid, message, version, delete, encoded)
+        # Encoded once, here, for the store and for every transmission on the JSON lane; its
+        # size is what the message counts against the budget.
+        encoded = wire.encode(message)
+        size = len(encoded)
+        # A newer version replaces what is owed for the object: counted once (issue 18).
+        self.budget.check(self, current is None, size - (current.size if current else 0))
+        entry = PendingEntry(
+            uid, message, version, delete, encoded if self.store is not None else None, size
+        )
         if delete:
             known = [entry.version, acked, deleted]
             if current is not None:
@@ -217,7 +276,9 @@ class NodeQueue:
             self.acked[uid] = deleted
         if current is not None:
             self._supersede(current, entry)
+            self._release(current)
         self.pending[uid] = entry
+        self._owe(entry)
         self.by_msg_id[message.msg_id] = uid
         if uid not in self.delayed:
             self.ready[uid] = None
@@ -237,7 +298,8 @@ class NodeQueue:
     def restore(self, record: SyncRecord) -> PendingEntry | None:
         """Take back what the sync store kept across a restart (records in ``seq`` order).
 
-        Returns the entry made owed, if any.
+        Returns the entry made owed, if any. It counts against the budget but is never refused:
+        what the store holds is delivered even above a limit (only new messages are refused).
         """
         uid = record.uid
         if record.deleted_at is not None:
@@ -253,11 +315,17 @@ class NodeQueue:
                 version = model.parse_resource_version(message.resource_version)
             except ResourceVersionError:
                 version = None
-        entry = PendingEntry(uid, message, version, model.is_delete(message))
+        # Sized as at its acceptance; the encoding is not kept (the transport makes it again).
+        size = len(wire.encode(message))
+        entry = PendingEntry(uid, message, version, model.is_delete(message), size=size)
         if entry.delete and record.acked_version is not None:
             # (What a delete replaced before the restart is not kept: its acked version is.)
             entry.floor = max(record.acked_version, version or 0)
+        replaced = self.pending.get(uid)
+        if replaced is not None:
+            self._release(replaced)
         self.pending[uid] = entry
+        self._owe(entry)
         self.by_msg_id[message.msg_id] = uid
         self.ready[uid] = None
         return entry
@@ -280,6 +348,7 @@ class NodeQueue:
         if entry is None or entry.message.msg_id != rolled_back.msg_id:
             return False
         del self.pending[uid]
+        self._release(entry)
         self.ready.pop(uid, None)
         if entry.transmissions == 0:
             self.by_msg_id.pop(rolled_back.msg_id, None)
@@ -390,6 +459,7 @@ class NodeQueue:
         if entry is None or entry.message.msg_id != msg_id:
             return None  # superseded: the newer entry stays owed
         del self.pending[uid]
+        self._release(entry)
         self.ready.pop(uid, None)
         self.delayed.pop(uid, None)
         if self.store is not None:
@@ -408,6 +478,8 @@ class NodeQueue:
     def take_no_ack(self) -> list[tuple[Message, Deferred[Message] | None]]:
         """All queued no-ACK messages, in order, handed over for sending."""
         taken, self.no_ack = self.no_ack, []
+        self._release_bytes(sum(self.no_ack_sizes))
+        self.no_ack_sizes = []
         return taken
 
     def stop_waiting(self, error: Callable[[str], Exception]) -> None:
@@ -421,6 +493,8 @@ class NodeQueue:
             for waiter in waiters:
                 waiter.errback(error(entry.message.msg_id))
         backlog, self.no_ack = self.no_ack, []
+        self._release_bytes(sum(self.no_ack_sizes))
+        self.no_ack_sizes = []
         for message, no_ack_waiter in backlog:
             if no_ack_waiter is not None:
                 no_ack_waiter.errback(error(message.msg_id))

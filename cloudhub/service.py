@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from cloudhub.budget import Budget
 from cloudhub.certs.authority import CertificateAuthority
 from cloudhub.certs.tls import server_tls_options
 from cloudhub.certs.token import TokenIssuer
@@ -99,11 +100,19 @@ class CloudHubService(MultiService):
         self.authority: CertificateAuthority | None = authority
 
         hub = config.cloudhub
+        limits = config.hub.limits
         self.handle = MessageHandle(
             reactor,
             keepalive_interval=hub.keepalive_interval,
             node_limit=hub.node_limit,
             running=False,
+            budget=Budget(
+                node_messages=limits.node_messages,
+                node_bytes=limits.node_bytes,
+                total_messages=limits.total_messages,
+                total_bytes=limits.total_bytes,
+                unknown_nodes=limits.unknown_nodes,
+            ),
         )
         self.upstream = Upstream(self.handle)
 
@@ -303,6 +312,7 @@ class CloudHubService(MultiService):
                 metrics_resource=self.metrics.resource() if self.metrics is not None else None,
                 accepting=lambda: bool(self.running),
                 ready=lambda: self.is_ready,
+                max_batches=limits.api.batches,
             )
             site.access_log = config.hub.access_log
             # Added after the edge listeners, so stopped before them: no API write is

@@ -36,9 +36,13 @@ class Upstream:
         (ACK mode) or when it is written to the node's connection (no-ACK mode). It fails
         with :class:`~cloudhub.errors.StaleMessage` (a version not newer than what the node
         has or is owed), :class:`~cloudhub.errors.InvalidMessage` (no uid or resourceVersion
-        where one is needed), or :class:`~cloudhub.errors.Superseded` (a newer version or a
-        delete of the same object replaced it before the ACK). Cancelling the Deferred stops
-        the waiting, not the delivery.
+        where one is needed), :class:`~cloudhub.budget.NodeOverLimit` (the node is owed as
+        many messages or bytes as one node may be: send again once it caught up),
+        :class:`~cloudhub.budget.HubOverLimit` (the hub's budget over all nodes, or of node
+        ids that never connected, is spent; both :class:`~cloudhub.budget.OverLimit`, whose
+        ``limit`` names the config key), or :class:`~cloudhub.errors.Superseded` (a newer
+        version or a delete of the same object replaced it before the ACK). Cancelling the
+        Deferred stops the waiting, not the delivery.
         """
         return self._handle.send(node_id, message)
 
@@ -46,9 +50,10 @@ class Upstream:
         """Deliver many messages: ``entries`` are ``(node_id, message)`` pairs.
 
         The fast path for bulk submission: no Deferred per message. Returns one result per
-        entry, in order: ``None`` for accepted, else the :class:`MessageRefused` (stale or
-        invalid) that :meth:`send` would have failed with. Wait on :meth:`flush` to know the
-        accepted ones are durable; their delivery shows in ``/v1/nodes/{node}/objects``.
+        entry, in order: ``None`` for accepted, else the :class:`MessageRefused` (stale,
+        invalid, over a limit) that :meth:`send` would have failed with. Wait on
+        :meth:`flush` to know the accepted ones are durable; their delivery shows in
+        ``/v1/nodes/{node}/objects``.
         """
         return self._handle.send_many(entries)
 

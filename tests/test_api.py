@@ -946,3 +946,70 @@ class BatchTests(ApiTestCase):
 
 def _ndjson(entries: list[Any]) -> bytes:
     return "\n".join(json.dumps(entry) for entry in entries).encode()
+
+
+class OwedLimitTests(ApiTestCase):
+    """Issue 18, finding 5: what a node and the hub may be owed; 429 / 507 naming the limit."""
+
+    async def test_node_limit_429_hub_budget_507(self) -> None:
+        await self.start_hub()
+        budget = self.hub.handle.budget
+        budget.node_messages = 2
+        for i in range(2):
+            reply = await self.post("edge-1", pod_body(f"uid-{i}", "1", name=f"p{i}"))
+            self.assertEqual(reply.code, 202, reply.body)
+        reply = await self.post("edge-1", pod_body("uid-9", "1", name="p9"))
+        self.assertEqual(reply.code, 429, reply.body)
+        self.assertEqual(reply.json["reason"], "over_limit")
+        self.assertEqual((reply.json["limit"], reply.json["value"]), ("hub.limits.nodeMessages", 2))
+        self.assertIn("hub.limits.nodeMessages 2", reply.json["error"])
+        # A newer version of an owed object is not a new message.
+        reply = await self.post("edge-1", pod_body("uid-0", "2", "update", name="p0"))
+        self.assertEqual(reply.code, 202, reply.body)
+        budget.total_bytes = budget.bytes + 10
+        reply = await self.post("edge-2", pod_body("uid-1", "1"))
+        self.assertEqual(reply.code, 507, reply.body)
+        self.assertEqual(reply.json["limit"], "hub.limits.totalBytes")
+        self.assertEqual(reply.json["value"], budget.bytes + 10)
+        self.assertEqual(await self.objects("edge-2"), [])
+        budget.total_bytes = 0
+        budget.unknown_nodes = 1  # edge-1 owes: one unknown id already
+        reply = await self.post("edge-3", pod_body("uid-1", "1"))
+        self.assertEqual(reply.code, 507, reply.body)
+        self.assertEqual(reply.json["limit"], "hub.limits.unknownNodes")
+        self.assertNotIn("edge-3", self.hub.handle.queues)
+
+    async def test_batch_entries_report_the_limit(self) -> None:
+        await self.start_hub()
+        self.hub.handle.budget.node_messages = 2
+        self.hub.handle.budget.total_messages = 3
+        entries = [
+            {"node": "edge-1", "message": pod_body(f"uid-{i}", "1", name=f"p{i}")} for i in range(3)
+        ] + [
+            {"node": "edge-2", "message": pod_body("uid-a", "1", name="a")},
+            {"node": "edge-3", "message": pod_body("uid-b", "1", name="b")},
+            {"node": "edge-1", "message": pod_body("uid-1", "2", "update", name="p1")},
+        ]
+        reply = await self.call(b"POST", "/v1/messages", entries)
+        self.assertEqual(reply.code, 200, reply.body)
+        results = reply.json["results"]
+        self.assertEqual(
+            [r["status"] for r in results],
+            ["accepted", "accepted", "over_limit", "accepted", "over_limit", "accepted"],
+        )
+        self.assertEqual((reply.json["accepted"], reply.json["refused"]), (4, 2))
+        self.assertEqual((results[2]["limit"], results[2]["value"]), ("hub.limits.nodeMessages", 2))
+        self.assertEqual(
+            (results[4]["limit"], results[4]["value"]), ("hub.limits.totalMessages", 3)
+        )
+        self.assertIn("hub.limits.totalMessages", results[4]["error"])
+        self.assertEqual(len(await self.objects("edge-1")), 2)
+
+    def test_openapi_documents_the_limits(self) -> None:
+        document = openapi_document()
+        send = document["paths"]["/v1/nodes/{node}/messages"]["post"]["responses"]
+        self.assertIn("hub.limits.nodeMessages", send["429"]["description"])
+        self.assertIn("hub.limits.totalBytes", send["507"]["description"])
+        result = document["components"]["schemas"]["BatchResult"]["properties"]["results"]
+        self.assertIn("over_limit", result["items"]["properties"]["status"]["enum"])
+        self.assertIn("over_limit", document["paths"]["/v1/messages"]["post"]["description"])
